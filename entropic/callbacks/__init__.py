@@ -1,0 +1,6 @@
+"""Lightning callbacks: attention-entropy monitoring and entropy regularization for any LightningModule."""
+
+from entropic.callbacks.monitor import AttentionEntropyMonitor
+from entropic.callbacks.regularization import EntropyRegularization
+
+__all__ = ["AttentionEntropyMonitor", "EntropyRegularization"]

@@ -1,0 +1,340 @@
+"""Entropy regularization (the paper's Algorithm 1) for an existing LightningModule, as a Trainer callback.
+
+How the loss term gets in. Lightning gives callbacks no way to change the loss (the return value of
+``on_before_backward`` is discarded), so at ``setup`` this callback wraps the module's ``training_step`` (an
+instance attribute; the class is untouched and the original is put back at ``teardown``). The wrapper calls the
+user's step, then returns ``loss + λ_t · penalty``, the penalty being computed from the row entropies the attention
+layers recorded during that step's forward. Everything Lightning does to a returned loss therefore applies to the
+whole sum: the division by ``accumulate_grad_batches``, the fp16 GradScaler of ``16-mixed``, autocast of
+``bf16-mixed`` (the penalty itself is computed in fp32) and the DDP gradient all-reduce.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import nn
+from typing_extensions import override
+
+from entropic.regularizer import (
+    THRESHOLDS_ATTR,
+    clear_row_entropies,
+    collect_row_entropies,
+    entropy_penalty_from_entropies,
+    find_attention_dims,
+    find_model_thresholds,
+    make_thresholds,
+    prepare_model,
+    validate_penalty_args,
+)
+
+__all__ = ["EntropyRegularization"]
+
+
+class EntropyRegularization(Callback):
+    r"""Adds λ·L_entropy (paper, Algorithm 1) to the training loss of any LightningModule.
+
+    The module's model must record attention entropies: our models do, and Hugging Face models using the
+    attention interface (GPT-2, Llama, ...) are switched from sdpa/eager to the entropic attention at ``setup``.
+
+    Thresholds θ ([L, H], fractions of E_max = log T): if the model already owns ``entropy_thresholds`` they are
+    used; otherwise the callback registers an ``nn.Parameter`` named ``entropy_thresholds`` on the LightningModule
+    at ``setup``, before ``configure_optimizers`` runs, so an optimizer over ``self.parameters()`` trains them with
+    no change and they are saved in (and restored from) the module's checkpoint. With ``learnable_thresholds=False``
+    they are a (saved) buffer instead. With ``param_group`` the callback adds them to the first optimizer as a
+    group of their own (use it when your optimizer does not take ``self.parameters()``).
+    Note that a plain ``AdamW(self.parameters())`` also applies its weight decay to θ; exclude parameters whose
+    name contains ``"threshold"`` from decay, or use ``param_group`` (weight decay 0 by default).
+
+    Logged every step via ``pl_module.log`` (rank zero's value, no cross-rank sync):
+    ``train/entropy_penalty`` (the unweighted penalty), ``train/entropy_penalty_weighted`` (λ_t·penalty, what is
+    added to the loss) and ``train/entropy_coeff`` (λ_t).
+
+    Args:
+        loss_coeff: λ. The paper uses 1e-5 (CodeParrot) and 5e-5 (Languini).
+        tolerance: γ; deviations within γ·E_max are not penalized. Paper: 0.2.
+        reduction: ``"paper"`` (Algorithm 1) or ``"per_query"`` (the authors' released code).
+        context_size: T in E_max = log T. None (default): the sequence length of each training batch, i.e. the
+            last dimension of the recorded row entropies (the authors' code does the same).
+        learnable_thresholds: θ trainable (a parameter) or fixed (a buffer).
+        threshold_init: initial θ, a float or an [L, H] tensor; default 0.5, the middle of [0, 1] and inside the
+            0.2-0.52 range of the paper's learned values (the paper does not state an init). Ignored when the
+            model owns thresholds.
+        param_group: False (default): rely on the user's optimizer. True, or a dict of group options (e.g.
+            ``{"lr": 1e-2}``): add θ to the first optimizer as its own group (``weight_decay`` defaults to 0).
+        start_step: optimizer step at which the term starts (before it, λ_t = 0).
+        start_fraction: alternative to ``start_step``: a fraction of ``trainer.estimated_stepping_batches``
+            (the authors' unreleased code started after 5-10% of the steps).
+        warmup_steps: λ_t rises linearly from λ/warmup_steps to λ over this many steps after the start.
+        num_layers, num_heads: L and H when they cannot be read from the model's config.
+
+    Raises:
+        MisconfigurationException: on invalid arguments, or when L and H cannot be determined.
+
+    Example::
+
+        trainer = Trainer(callbacks=[AttentionEntropyMonitor(), EntropyRegularization(loss_coeff=1e-5)])
+        trainer.fit(my_lightning_module)
+    """
+
+    def __init__(
+        self,
+        loss_coeff: float = 1e-5,
+        tolerance: float = 0.2,
+        reduction: str = "paper",
+        context_size: int | None = None,
+        *,
+        learnable_thresholds: bool = True,
+        threshold_init: float | torch.Tensor = 0.5,
+        param_group: bool | Mapping[str, Any] = False,
+        start_step: int = 0,
+        start_fraction: float | None = None,
+        warmup_steps: int = 0,
+        num_layers: int | None = None,
+        num_heads: int | None = None,
+    ) -> None:
+        problems = []
+        try:
+            validate_penalty_args(tolerance, reduction, context_size)
+        except ValueError as err:
+            problems.append(str(err))
+        if not (isinstance(loss_coeff, (int, float)) and math.isfinite(loss_coeff) and loss_coeff >= 0):
+            problems.append(f"loss_coeff must be a finite float >= 0, got {loss_coeff!r}")
+        if not (isinstance(start_step, int) and start_step >= 0):
+            problems.append(f"start_step must be an int >= 0, got {start_step!r}")
+        if start_fraction is not None and not (isinstance(start_fraction, (int, float)) and 0 <= start_fraction < 1):
+            problems.append(f"start_fraction must be in [0, 1) or None, got {start_fraction!r}")
+        if start_fraction is not None and start_step:
+            problems.append(f"give start_step ({start_step}) or start_fraction ({start_fraction}), not both")
+        if not (isinstance(warmup_steps, int) and warmup_steps >= 0):
+            problems.append(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
+        if not isinstance(param_group, (bool, Mapping)):
+            problems.append(f"param_group must be a bool or a dict of optimizer group options, got {param_group!r}")
+        if isinstance(threshold_init, (int, float)) and not math.isfinite(threshold_init):
+            problems.append(f"threshold_init must be finite, got {threshold_init!r}")
+        if problems:
+            raise MisconfigurationException("EntropyRegularization: " + "; ".join(problems))
+        self.loss_coeff = float(loss_coeff)
+        self.tolerance = float(tolerance)
+        self.reduction = reduction
+        self.context_size = context_size
+        self.learnable_thresholds = learnable_thresholds
+        self.threshold_init = threshold_init
+        self.param_group = param_group
+        self.start_step = start_step
+        self.start_fraction = start_fraction
+        self.warmup_steps = warmup_steps
+        self.num_layers = num_layers
+        self.num_heads = num_heads
+        self._start: int | None = None if start_fraction is not None else start_step
+        self._thresholds: torch.Tensor | None = None
+        self._wrapped: pl.LightningModule | None = None
+        self._trainer: pl.Trainer | None = None
+        self.last_penalty: float | None = None
+        self.last_coeff: float = 0.0
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(loss_coeff=self.loss_coeff, reduction=self.reduction)
+
+    @property
+    def thresholds(self) -> torch.Tensor:
+        """θ [L, H]: the module's ``entropy_thresholds`` (available after ``setup``)."""
+        if self._thresholds is None:
+            raise RuntimeError("EntropyRegularization.thresholds exists only after Trainer setup")
+        return self._thresholds
+
+    # ------------------------------------------------------------------ setup / teardown
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        changed = prepare_model(pl_module)
+        if changed:
+            rank_zero_info(
+                f"EntropyRegularization: switched {', '.join(changed)} so attention layers record per-head entropy."
+            )
+        self._thresholds = self._resolve_thresholds(pl_module)
+        self._trainer = trainer
+        self._wrap(pl_module)
+
+    def _resolve_thresholds(self, pl_module: pl.LightningModule) -> torch.Tensor:
+        owned = find_model_thresholds(pl_module)  # the model's own, or ours from an earlier fit
+        if owned is not None:
+            return owned
+        dims = find_attention_dims(pl_module)
+        if self.num_layers is not None or self.num_heads is not None:
+            dims = (self.num_layers or (dims or (0, 0))[0], self.num_heads or (dims or (0, 0))[1])
+        if dims is None or 0 in dims:
+            raise MisconfigurationException(
+                f"EntropyRegularization cannot infer the number of layers and heads of {type(pl_module).__name__} "
+                "(no Hugging Face config with num_hidden_layers/num_attention_heads found): pass num_layers= and "
+                "num_heads=, or give the model an `entropy_thresholds` [L, H] parameter."
+            )
+        try:
+            init = make_thresholds(*dims, self.threshold_init)
+        except ValueError as err:
+            raise MisconfigurationException(f"EntropyRegularization: {err}") from err
+        try:
+            device = next(pl_module.parameters()).device
+        except StopIteration:
+            device = torch.device("cpu")
+        init = init.to(device)
+        if self.learnable_thresholds:
+            pl_module.register_parameter(THRESHOLDS_ATTR, nn.Parameter(init))
+        else:
+            pl_module.register_buffer(THRESHOLDS_ATTR, init)
+        return getattr(pl_module, THRESHOLDS_ATTR)
+
+    def _wrap(self, pl_module: pl.LightningModule) -> None:
+        if self._wrapped is not None:
+            self._unwrap()
+        step = pl_module.training_step
+
+        @functools.wraps(step)
+        def training_step(*args: Any, **kwargs: Any) -> Any:
+            clear_row_entropies(pl_module)
+            return self._add_penalty(pl_module, step(*args, **kwargs))
+
+        pl_module.training_step = training_step  # instance attribute shadows the class method
+        if self.param_group is not False:
+            configure = pl_module.configure_optimizers
+
+            @functools.wraps(configure)
+            def configure_optimizers() -> Any:
+                output = configure()
+                self._add_param_group(output)
+                return output
+
+            pl_module.configure_optimizers = configure_optimizers
+        self._wrapped = pl_module
+
+    def _unwrap(self) -> None:
+        module = self._wrapped
+        if module is None:
+            return
+        for name in ("training_step", "configure_optimizers"):
+            if name in module.__dict__:
+                delattr(module, name)
+        self._wrapped = None
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._unwrap()
+
+    def _add_param_group(self, optim_conf: Any) -> None:
+        optimizer = _first_optimizer(optim_conf)
+        if optimizer is None:
+            raise MisconfigurationException(
+                "EntropyRegularization(param_group=...) found no optimizer in what configure_optimizers returned: "
+                f"{type(optim_conf).__name__}"
+            )
+        theta = self.thresholds
+        if any(p is theta for group in optimizer.param_groups for p in group["params"]):
+            return  # already trained by the user's optimizer (e.g. over self.parameters())
+        options = {"weight_decay": 0.0}
+        if isinstance(self.param_group, Mapping):
+            options.update(self.param_group)
+        optimizer.add_param_group({"params": [theta], **options})
+
+    # ------------------------------------------------------------------ the loss term
+    def _resolve_start(self, trainer: pl.Trainer) -> int:
+        if self._start is None:
+            total = trainer.estimated_stepping_batches
+            if not math.isfinite(total):
+                raise MisconfigurationException(
+                    f"EntropyRegularization(start_fraction={self.start_fraction}) needs a finite number of training "
+                    "steps (set max_steps or max_epochs with a sized dataloader), or use start_step="
+                )
+            self._start = int(self.start_fraction * total)
+        return self._start
+
+    def coeff_at(self, step: int) -> float:
+        """λ_t at optimizer step ``step`` (0 before the start, then a linear warm-up to ``loss_coeff``)."""
+        start = self._start if self._start is not None else self.start_step
+        if step < start:
+            return 0.0
+        if self.warmup_steps:
+            return self.loss_coeff * min(1.0, (step - start + 1) / self.warmup_steps)
+        return self.loss_coeff
+
+    def _add_penalty(self, pl_module: pl.LightningModule, output: Any) -> Any:
+        if output is None:  # the user skipped this batch
+            return output
+        loss = output["loss"] if isinstance(output, Mapping) else output
+        if not isinstance(loss, torch.Tensor):
+            raise MisconfigurationException(
+                "EntropyRegularization expects training_step to return a loss tensor or a dict with a 'loss' tensor, "
+                f"got {type(output).__name__}"
+            )
+        trainer = self._trainer
+        step = trainer.global_step if trainer is not None else 0
+        if trainer is not None:
+            self._resolve_start(trainer)
+        coeff = self.coeff_at(step)
+        theta = self.thresholds if self.learnable_thresholds else self.thresholds.detach()
+        entropies = collect_row_entropies(pl_module)
+        if not entropies:
+            raise RuntimeError(
+                f"EntropyRegularization: no attention layer of {type(pl_module).__name__} recorded entropies during "
+                "training_step. Its model must run the entropic attention (our models, or a Hugging Face model "
+                "using the attention interface, switched at setup); custom attention modules need to call "
+                "entropic.ops.record_row_entropy."
+            )
+        penalty = entropy_penalty_from_entropies(
+            entropies, theta, context_size=self.context_size, tolerance=self.tolerance, reduction=self.reduction
+        )
+        # Always add the term, even with λ_t = 0, so θ stays in the graph (DDP expects every parameter used).
+        total = loss + coeff * penalty.to(loss.dtype)
+        detached = penalty.detach()
+        self.last_penalty, self.last_coeff = float(detached), coeff
+        if trainer is not None and getattr(trainer, "training", False):
+            batch_size = int(entropies[0].shape[0])
+            log = functools.partial(pl_module.log, on_step=True, on_epoch=False, batch_size=batch_size)
+            log("train/entropy_penalty", detached)
+            log("train/entropy_penalty_weighted", coeff * detached)
+            log("train/entropy_coeff", coeff)
+        if isinstance(output, Mapping):
+            return {**output, "loss": total}
+        return total
+
+    # ------------------------------------------------------------------ checkpointing
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "start": self._start,
+            "loss_coeff": self.loss_coeff,
+            "warmup_steps": self.warmup_steps,
+            "last_coeff": self.last_coeff,
+            "last_penalty": self.last_penalty,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # The schedule position itself is trainer.global_step, which Lightning restores; keep the resolved start
+        # so a start_fraction does not move if the run is resumed with a different step budget.
+        self._start = state_dict.get("start", self._start)
+        self.last_coeff = state_dict.get("last_coeff", self.last_coeff)
+        self.last_penalty = state_dict.get("last_penalty", self.last_penalty)
+
+
+def _first_optimizer(conf: Any) -> torch.optim.Optimizer | None:
+    if isinstance(conf, torch.optim.Optimizer):
+        return conf
+    if isinstance(conf, Mapping):
+        return _first_optimizer(conf.get("optimizer"))
+    if isinstance(conf, (list, tuple)):
+        for item in conf:
+            found = _first_optimizer(item)
+            if found is not None:
+                return found
+    return None

@@ -1,0 +1,96 @@
+"""The ``entropic`` command: ``fit``/``validate``/``test`` a recipe with LightningCLI, and ``report`` runs.
+
+Examples::
+
+    entropic fit --config recipes/default.yaml
+    entropic fit --config recipes/debug.yaml --trainer.max_steps=20 --trainer.default_root_dir=runs/debug
+    entropic fit --config recipes/debug.yaml --trainer.default_root_dir=runs/debug --ckpt_path last   # resume
+    entropic report runs/cpu/*
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+# matplotlib (imported by Lightning's dependencies) writes a font cache to the home directory unless told
+# otherwise; keep it in the project cache like every other cache of a run.
+os.environ.setdefault("MPLCONFIGDIR", os.path.join(os.environ.get("ENTROPIC_CACHE", ".cache/entropic"), "matplotlib"))
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from entropic.data import EntropicDataModule
+from entropic.lightning_module import EntropicLM
+from entropic.report import write_report
+
+DEFAULT_ROOT_DIR = "runs/default"
+
+
+def _checkpoint_dir(root: str | None) -> str:
+    return os.path.join(root or DEFAULT_ROOT_DIR, "checkpoints")
+
+
+class EntropicCLI(LightningCLI):
+    """LightningCLI with the entropic conventions.
+
+    - Checkpoints go to ``<default_root_dir>/checkpoints`` with ``last.ckpt``, so ``--ckpt_path last`` resumes.
+    - Metrics go to a CSV logger under ``<default_root_dir>/logs/version_N`` (one version per launch; the report
+      stitches them together), unless the recipe configures its own logger.
+    - The data module's vocabulary size and the model's context are linked, and a block size above the
+      model's context is refused before training starts.
+    - After ``fit``, ``report.md``/``report.json`` are written next to the checkpoints.
+    """
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
+        parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=_checkpoint_dir)
+        parser.link_arguments("model.n_positions", "data.max_block_size")
+        parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = config["trainer"]
+        if not trainer.get("default_root_dir"):
+            trainer["default_root_dir"] = DEFAULT_ROOT_DIR
+        if trainer.get("logger") in (None, True):
+            trainer["logger"] = {
+                "class_path": "lightning.pytorch.loggers.CSVLogger",
+                "init_args": {"save_dir": trainer["default_root_dir"], "name": "logs"},
+            }
+
+    def after_fit(self) -> None:
+        if self.trainer.is_global_zero:
+            root = Path(self.trainer.default_root_dir)
+            table = write_report([root], out_dir=root)
+            print(f"\nReport written to {root / 'report.md'}\n\n{table}")
+
+
+def _report_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="entropic report", description="Side-by-side table of training runs.")
+    parser.add_argument("run_dirs", nargs="+", help="run directories (a recipe's trainer.default_root_dir)")
+    parser.add_argument("--out", default=None, help="directory for report.md and report.json (default: none)")
+    args = parser.parse_args(argv)
+    print(write_report(args.run_dirs, out_dir=args.out), end="")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``entropic`` console script."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args and args[0] == "report":
+        return _report_main(args[1:])
+    EntropicCLI(
+        EntropicLM,
+        EntropicDataModule,
+        args=args,
+        save_config_kwargs={"overwrite": True},
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,170 @@
+"""The LightningModule that recipes train: one architecture of the paper, AdamW, warm-up then linear decay.
+
+Entropy tracking and regularization are not in here: recipes add :class:`entropic.AttentionEntropyMonitor` and
+:class:`entropic.EntropyRegularization` as Trainer callbacks, exactly as a user would on their own module.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from entropic.models import EntropicConfig, EntropicForCausalLM
+
+# Parameters whose names contain one of these are excluded from weight decay: gains, biases, LayerNorms, and the
+# learnable scalars of the method (FFN scaling, temperatures, entropy thresholds).
+_NO_DECAY_MARKERS = ("bias", "ln_", "alpha", "beta", "temperature", "threshold")
+
+
+class EntropicLM(pl.LightningModule):
+    """Causal language modelling of one paper architecture.
+
+    Args:
+        arch: a preset name of :meth:`entropic.models.EntropicConfig.from_preset`, e.g. ``"SM(t)+ScFuFFN"``.
+        n_layer: number of transformer blocks.
+        n_head: attention heads per block.
+        n_embd: model width.
+        n_positions: context length T (the data's block size must not exceed it).
+        vocab_size: tokenizer size; recipes link it from the data module.
+        model_overrides: any further :class:`EntropicConfig` fields (e.g. ``{"attention_backend": "torch"}``).
+        learning_rate: peak learning rate of AdamW (the paper's setting is 1e-3).
+        weight_decay: decoupled weight decay, not applied to gains, biases, norms and the method's scalars.
+        betas: AdamW betas.
+        eps: AdamW epsilon.
+        warmup_fraction: share of the total steps spent in linear warm-up (the paper: 0.05).
+        min_lr_fraction: learning rate at the last step, as a fraction of the peak (linear decay to it).
+    """
+
+    def __init__(
+        self,
+        arch: str = "SM(t)+ScFuFFN",
+        n_layer: int = 4,
+        n_head: int = 4,
+        n_embd: int = 128,
+        n_positions: int = 128,
+        vocab_size: int = 8192,
+        model_overrides: dict[str, Any] | None = None,
+        learning_rate: float = 1e-3,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        warmup_fraction: float = 0.05,
+        min_lr_fraction: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= warmup_fraction < 1.0:
+            raise ValueError(f"warmup_fraction must be in [0, 1), got {warmup_fraction}")
+        if not 0.0 <= min_lr_fraction <= 1.0:
+            raise ValueError(f"min_lr_fraction must be in [0, 1], got {min_lr_fraction}")
+        if learning_rate <= 0:
+            raise ValueError(f"learning_rate must be positive, got {learning_rate}")
+        self.save_hyperparameters()
+        config = EntropicConfig.from_preset(
+            arch,
+            n_layer=n_layer,
+            n_head=n_head,
+            n_embd=n_embd,
+            n_positions=n_positions,
+            vocab_size=vocab_size,
+            **(model_overrides or {}),
+        )
+        self.model = EntropicForCausalLM(config)
+        self._step_started_at: float | None = None
+
+    @property
+    def context_size(self) -> int:
+        """The model's context length T."""
+        return self.model.config.n_positions
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, vocab]."""
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model(**batch).loss
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._step_started_at = time.perf_counter()
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._step_started_at is None:
+            return
+        elapsed = time.perf_counter() - self._step_started_at
+        tokens = batch["input_ids"].numel() * self.trainer.world_size
+        self.log("train/tokens_per_sec", tokens / max(elapsed, 1e-9))
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        return loss
+
+    def on_validation_epoch_end(self) -> None:
+        val_loss = self.trainer.callback_metrics.get("val/loss")
+        if val_loss is not None:
+            self.log("val/ppl", torch.exp(val_loss.detach().float()), sync_dist=False)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        self.log("test/loss", loss, sync_dist=True)
+        return loss
+
+    def on_test_epoch_end(self) -> None:
+        test_loss = self.trainer.callback_metrics.get("test/loss")
+        if test_loss is not None:
+            self.log("test/ppl", torch.exp(test_loss.detach().float()))
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """AdamW groups: matrices decay, everything in ``_NO_DECAY_MARKERS`` (and every 0-/1-D tensor) does not."""
+        decay, no_decay = [], []
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            skip = param.dim() < 2 or any(marker in name for marker in _NO_DECAY_MARKERS)
+            (no_decay if skip else decay).append(param)
+        return [
+            {"params": decay, "weight_decay": self.hparams.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = torch.optim.AdamW(
+            self.parameter_groups(), lr=self.hparams.learning_rate, betas=self.hparams.betas, eps=self.hparams.eps
+        )
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        schedule = warmup_linear_decay(total_steps, self.hparams.warmup_fraction, self.hparams.min_lr_fraction)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class _WarmupLinearDecay:
+    """Picklable LR multiplier: linear warm-up over ``warmup`` steps, then linear decay to ``floor`` at ``total``."""
+
+    def __init__(self, total: int, warmup: int, floor: float) -> None:
+        self.total, self.warmup, self.floor = total, warmup, floor
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return self.floor + (1.0 - self.floor) * (1.0 - progress)
+
+
+def warmup_linear_decay(total_steps: int, warmup_fraction: float, min_lr_fraction: float) -> _WarmupLinearDecay:
+    """The paper's schedule (HF ``polynomial`` with power 1) as a LambdaLR multiplier."""
+    warmup = math.ceil(warmup_fraction * total_steps)
+    return _WarmupLinearDecay(total_steps, warmup, min_lr_fraction)
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of trainable parameters of ``module``."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)

@@ -1,0 +1,145 @@
+"""The client: holds the CKKS secret key and the input.
+
+It embeds its tokens (it holds the embedding tables), encrypts them token-packed, performs the client-aided
+operations of mode A (decrypt -> exact function in float64 -> re-encrypt) and the masked refreshes of mode B
+(decrypt the masked values -> re-encrypt, it never sees the mask), and decrypts the logits.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import tenseal as ts
+
+from .channel import Channel, Message
+from .params import ParamSet
+from .plan import act_fn, causal_attention, layernorm
+from .schedule import Layout, Schedule
+
+
+def pack(X: np.ndarray, lay: Layout, groups: int) -> list[list[np.ndarray]]:
+    """[T, D] -> groups x chunks of flat vectors in the (piece, token, feature) order."""
+    T, D = X.shape
+    Xp = np.zeros((groups * lay.g, lay.pieces * lay.w))
+    Xp[:T, :D] = X
+    out = []
+    for j in range(groups):
+        G = Xp[j * lay.g : (j + 1) * lay.g].reshape(lay.g, lay.pieces, lay.w).transpose(1, 0, 2)
+        out.append([np.tile(G[list(lay.chunk_pieces(c))].reshape(-1), lay.copies) for c in range(lay.chunks)])
+    return out
+
+
+def unpack(vecs: list[list[np.ndarray]], lay: Layout, T: int) -> np.ndarray:
+    rows = []
+    for grp in vecs:
+        G = np.concatenate(
+            [
+                np.asarray(v)[: len(lay.chunk_pieces(c)) * lay.g * lay.w].reshape(-1, lay.g, lay.w)
+                for c, v in enumerate(grp)
+            ],
+            axis=0,
+        )  # [pieces, g, w]
+        rows.append(G.transpose(1, 0, 2).reshape(lay.g, lay.pieces * lay.w))
+    return np.concatenate(rows, axis=0)[:T, : lay.dim]
+
+
+class Client:
+    def __init__(self, params: ParamSet, wte: np.ndarray, wpe: np.ndarray, *, threads: int = 1):
+        self.params = params.check()
+        self.wte, self.wpe = np.asarray(wte, np.float64), np.asarray(wpe, np.float64)
+        self.he = 0.0
+        t0 = time.perf_counter()
+        self.ctx = ts.context(
+            ts.SCHEME_TYPE.CKKS,
+            params.poly_modulus_degree,
+            coeff_mod_bit_sizes=list(params.coeff_mod_bit_sizes),
+            n_threads=threads,
+        )
+        self.ctx.global_scale = 2.0**params.scale_bits
+        self.ctx.generate_galois_keys()
+        self.keygen_s = time.perf_counter() - t0
+        self.step_stats: dict[str, dict] = {}
+
+    def public_context(self) -> bytes:
+        """Public, relinearization and Galois keys only (no secret key)."""
+        t0 = time.perf_counter()
+        blob = self.ctx.serialize(
+            save_public_key=True, save_secret_key=False, save_galois_keys=True, save_relin_keys=True
+        )
+        self.he += time.perf_counter() - t0
+        return blob
+
+    # ------------------------------------------------------------------ HE helpers (timed)
+    def _enc(self, vecs):
+        t0 = time.perf_counter()
+        out = [ts.ckks_vector(self.ctx, v.tolist()).serialize() for grp in vecs for v in grp]
+        self.he += time.perf_counter() - t0
+        return out
+
+    def _dec(self, blobs, lay: Layout, groups: int):
+        t0 = time.perf_counter()
+        flat = [np.asarray(ts.ckks_vector_from(self.ctx, b).decrypt()) for b in blobs]
+        self.he += time.perf_counter() - t0
+        per = lay.chunks if lay is not None else 1
+        return [flat[j * per : (j + 1) * per] for j in range(groups)]
+
+    def _stat(self, name):
+        return self.step_stats.setdefault(name, {"client_s": 0.0, "he_s": 0.0})
+
+    # ------------------------------------------------------------------ protocol
+    def run(self, channel: Channel, sched: Schedule, ids) -> np.ndarray:
+        ids = np.asarray(ids)
+        T = len(ids)
+        if sched.seq_len != T:
+            raise ValueError(f"input has {T} tokens, the schedule was compiled for {sched.seq_len}")
+        by_name = {s.name: s for s in sched.steps}
+        ack = channel.exchange(Message("setup", "setup", {}, [self.public_context()]), bucket="setup")
+        if ack.meta.get("server_has_secret_key"):
+            raise RuntimeError("server reports holding a secret key")
+        # input: embedding lookup happens here, on the client
+        first = sched.steps[0]
+        rec, t0, h0 = self._stat("input"), time.perf_counter(), self.he
+        x = self.wte[ids] + self.wpe[:T]
+        blobs = self._enc(pack(x, first.dst_layout, sched.groups))
+        rec["client_s"] += time.perf_counter() - t0
+        rec["he_s"] += self.he - h0
+        reply = channel.exchange(Message("data", "input", {}, blobs))
+        while True:
+            st = by_name.get(reply.label)
+            if st is None:
+                raise ValueError(f"server sent an unknown step {reply.label!r}")
+            rec, t0, h0 = self._stat(st.name), time.perf_counter(), self.he
+            if reply.kind == "result":
+                vecs = self._dec(reply.blobs, st.src_layout, sched.groups)
+                logits = unpack(vecs, st.src_layout, T)
+                rec["client_s"] += time.perf_counter() - t0
+                rec["he_s"] += self.he - h0
+                return logits
+            if st.op == "refresh":  # re-encrypt the masked values, restoring every replicated copy from copy 0
+                lay = st.src_layout
+                vecs = self._dec(reply.blobs, lay, sched.groups)
+                blobs = self._enc([[np.tile(v[: lay.n_c], lay.copies) for v in grp] for grp in vecs])
+            elif st.op == "client":
+                X = unpack(self._dec(reply.blobs, st.src_layout, sched.groups), st.src_layout, T)
+                Y = self.apply(st.fn, X)
+                blobs = self._enc(pack(Y, st.dst_layout, sched.groups))
+            else:
+                raise ValueError(f"server asked the client for step {st.name!r} of op {st.op!r}")
+            rec["client_s"] += time.perf_counter() - t0
+            rec["he_s"] += self.he - h0
+            reply = channel.exchange(Message("data", st.name, {}, blobs))
+
+    @staticmethod
+    def apply(fn: dict, X: np.ndarray) -> np.ndarray:
+        """Exact plaintext functions of mode A (affine LN parameters are folded into the next linear layer)."""
+        name = fn["name"]
+        if name == "layernorm":
+            return layernorm(X * fn["scale"], fn["eps"])
+        if name == "attention":
+            d = X.shape[1] // 3
+            scale = fn.get("attn_scale")
+            return causal_attention(
+                X[:, :d], X[:, d : 2 * d], X[:, 2 * d :], fn["n_head"], None if scale is None else np.asarray(scale)
+            )
+        return act_fn(name, X)

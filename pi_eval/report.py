@@ -1,0 +1,183 @@
+"""Per-run report: setup bytes apart, per-operation rows, totals, modelled latency, correctness; atomic JSON/CSV."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+# name -> (bandwidth in bit/s, round-trip time in s)
+NETWORK_PROFILES = {"LAN": (3e9, 0.8e-3), "WAN": (100e6, 80e-3)}
+
+ROW_FIELDS = [
+    "layer",
+    "name",
+    "kind",
+    "mode",
+    "cts_up",
+    "cts_down",
+    "bytes_up",
+    "bytes_down",
+    "round_trips",
+    "level_in",
+    "level_out",
+    "levels_used",
+    "server_s",
+    "client_s",
+    "he_s",
+    "mm_calls",
+    "mm_window_occupancy",
+]
+
+
+def parse_profile(spec: str) -> tuple[str, tuple[float, float]]:
+    """'NAME:MBPS:RTT_MS', e.g. 'mywan:200:40'."""
+    try:
+        name, mbps, rtt = spec.split(":")
+        return name, (float(mbps) * 1e6, float(rtt) * 1e-3)
+    except ValueError as e:
+        raise ValueError(f"network profile {spec!r} must be NAME:MBPS:RTT_MS, e.g. WAN2:200:40") from e
+
+
+def modelled_latency(bytes_total: int, round_trips: int, compute_s: float, bw_bps: float, rtt_s: float) -> float:
+    return compute_s + round_trips * rtt_s + bytes_total * 8.0 / bw_bps
+
+
+def build_report(res, reference_logits: np.ndarray, *, profiles: dict | None = None, meta: dict | None = None) -> dict:
+    sched, chan = res.schedule, res.channel
+    profiles = {**NETWORK_PROFILES, **(profiles or {})}
+    srv = res.server_stats["steps"]
+    cli = res.client.step_stats
+    rows = []
+    for st in sched.steps:
+        c = chan.online.get(st.name)
+        s = srv.get(st.name, {})
+        k = cli.get(st.name, {})
+        occ = None
+        if st.op == "linear":
+            occ = (st.src_layout.size + st.dst_layout.size) / sched.params.slots
+        lvl_used = None
+        if st.level_in is not None and st.level_out is not None and st.mode in ("HE", "C"):
+            lvl_used = st.level_in - st.level_out
+        rows.append(
+            {
+                "layer": st.layer,
+                "name": st.name,
+                "kind": st.kind,
+                "mode": st.mode,
+                "cts_up": c.cts_up if c else 0,
+                "cts_down": c.cts_down if c else 0,
+                "bytes_up": c.bytes_up if c else 0,
+                "bytes_down": c.bytes_down if c else 0,
+                "round_trips": c.round_trips if c else 0,
+                "level_in": st.level_in,
+                "level_out": st.level_out,
+                "levels_used": lvl_used,
+                "server_s": s.get("server_s", 0.0),
+                "client_s": k.get("client_s", 0.0),
+                "he_s": s.get("he_s", 0.0) + k.get("he_s", 0.0),
+                "mm_calls": s.get("mm_calls", 0),
+                "mm_window_occupancy": occ,
+            }
+        )
+    tot = chan.totals()
+    by_kind: dict[str, dict] = {}
+    for r in rows:
+        kk = by_kind.setdefault(
+            r["kind"], {"bytes_up": 0, "bytes_down": 0, "round_trips": 0, "server_s": 0.0, "client_s": 0.0, "modes": []}
+        )
+        for f in ("bytes_up", "bytes_down", "round_trips", "server_s", "client_s"):
+            kk[f] += r[f]
+        if r["mode"] not in kk["modes"]:
+            kk["modes"].append(r["mode"])
+    compute = sum(r["server_s"] + r["client_s"] for r in rows)
+    he_total = res.server_stats["he_s"] + res.client.he
+    online_bytes = tot["bytes_up"] + tot["bytes_down"]
+    setup_bytes = chan.setup.bytes_up + chan.setup.bytes_down
+    latency = {
+        name: {
+            "bandwidth_bps": bw,
+            "rtt_s": rtt,
+            "online_s": modelled_latency(online_bytes, tot["round_trips"], compute, bw, rtt),
+            "comm_s": modelled_latency(online_bytes, tot["round_trips"], 0.0, bw, rtt),
+            "setup_s": modelled_latency(setup_bytes, 1, 0.0, bw, rtt),
+            "by_kind_comm_s": {
+                k: modelled_latency(v["bytes_up"] + v["bytes_down"], v["round_trips"], 0.0, bw, rtt)
+                for k, v in by_kind.items()
+            },
+        }
+        for name, (bw, rtt) in profiles.items()
+    }
+    err = np.abs(res.logits - reference_logits)
+    occ = [r["mm_window_occupancy"] for r in rows if r["mm_window_occupancy"] is not None]
+    return {
+        "meta": meta or {},
+        "transport": res.transport,
+        "params": sched.params.describe(),
+        "seq_len": sched.seq_len,
+        "tokens_per_group": sched.g,
+        "groups": sched.groups,
+        "modes": sched.modes,
+        "bytes_up": tot["bytes_up"],
+        "bytes_down": tot["bytes_down"],
+        "bytes_total": online_bytes,
+        "round_trips": tot["round_trips"],
+        "ciphertexts_up": tot["cts_up"],
+        "ciphertexts_down": tot["cts_down"],
+        "setup_bytes": setup_bytes,
+        "setup": {
+            "public_context_bytes_up": chan.setup.bytes_up,
+            "ack_bytes_down": chan.setup.bytes_down,
+            "client_keygen_s": res.client.keygen_s,
+            **res.server_stats.get("setup", {}),
+        },
+        "control_bytes": chan.control.bytes_up + chan.control.bytes_down,
+        "wire_bytes_all": chan.wire_bytes(),
+        "max_abs_logit_error": float(err.max()),
+        "top1_agreement": float(np.mean(res.logits.argmax(-1) == reference_logits.argmax(-1))),
+        "top1_last_token_equal": bool(res.logits[-1].argmax() == reference_logits[-1].argmax()),
+        "compute_s": compute,
+        "he_primitive_s": he_total,
+        "online_wall_s": res.online_wall_s,
+        "harness_overhead": res.online_wall_s / he_total if he_total > 0 else None,
+        "mm_window_occupancy_mean": float(np.mean(occ)) if occ else None,
+        "latency": latency,
+        "by_kind": by_kind,
+        "server_holds_secret_key": res.server_stats["holds_secret_key"],
+        "server_context_is_private": res.server_stats["context_is_private"],
+        "operations": rows,
+    }
+
+
+def _atomic_write(path: Path, data: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_report(report: dict, out_dir: str | os.PathLike) -> tuple[Path, Path]:
+    out = Path(out_dir)
+    buf = io.StringIO()
+    wr = csv.DictWriter(buf, fieldnames=ROW_FIELDS)
+    wr.writeheader()
+    for r in report["operations"]:
+        wr.writerow({k: r.get(k) for k in ROW_FIELDS})
+    js = json.dumps(report, indent=2, default=float)
+    _atomic_write(out / "report.csv", buf.getvalue())
+    _atomic_write(out / "report.json", js)  # written last: its presence means the run completed
+    return out / "report.json", out / "report.csv"

@@ -1,0 +1,506 @@
+"""Compile a ModelPlan into the protocol's schedule: packing layouts, modes, level plan, server weights.
+
+Packing (private-inference notes §1.5, block-diagonal / multi-token).  A *register* holds an activation [T, D] as
+ciphertexts: tokens are split into groups of ``g``; features are cut into *pieces* of width ``w = d_model``; a chunk
+holds ``cp`` consecutive pieces of one group in the order (piece, token, feature), and a ciphertext stores its chunk
+``copies`` times back to back::
+
+    slot index = copy * n_c + (piece - first_piece) * g * w + token_in_group * w + feature_in_piece
+
+A linear layer maps an input chunk to an output chunk with one TenSEAL ``mm`` (Halevi-Shoup diagonals) on a matrix
+that is block diagonal over tokens, ``M[(m,k,t,e), (q,k',t',e')] = [t == t'] * W[k*w+e, k'*w+e']`` for one chosen
+input copy ``m`` per output block.  Why copies: ``mm`` reads slot ``j + i`` for diagonal ``i`` and output ``j``; a
+fresh TenSEAL ciphertext is replicated over all slots, but an ``mm`` output is not, so a server-side chain
+(o_proj -> fc_in, ffn -> next qkv) is only correct when every non-zero entry has ``row >= col`` (no wrap-around).
+Choosing for each output block the first input copy that lies "below" it satisfies this and keeps all blocks on the
+same few diagonals: an ``mm`` costs about ``cp_in * (2w - 1)`` non-zero diagonals (TenSEAL skips zero ones) instead
+of ``g * d_in`` for naive token packing.  Each server-side linear whose input is not fresh loses copies like it loses
+levels; the planner tracks both and inserts a refresh (mode B) when either runs out.
+
+Modes (labels on every operation):  A client-aided (decrypt, exact function, re-encrypt; 1 round trip),
+B masked refresh (level reset; 1 round trip), C polynomial under encryption (levels, no traffic),
+D removed (the architecture has none), and "HE" for linear layers on the server.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .params import LevelBudgetError, ParamSet, sets_with_levels
+from .plan import ModelPlan
+
+NONLINEAR_DEFAULT_MODES = {"layernorm": "A", "attention": "A", "gelu": "A", "relu": "A"}
+ALLOWED_MODES = {"layernorm": {"A"}, "attention": {"A"}, "gelu": {"A", "C"}, "relu": {"A", "C"}}
+
+
+@dataclass(frozen=True)
+class Layout:
+    dim: int  # true feature count D
+    pieces: int  # ceil(D / w)
+    cp: int  # pieces per ciphertext chunk
+    g: int  # tokens per group
+    w: int  # piece width
+    copies: int = 1  # the chunk is stored `copies` times back to back (declared ciphertext size copies * n_c)
+
+    @property
+    def chunks(self) -> int:
+        return math.ceil(self.pieces / self.cp)
+
+    @property
+    def n_c(self) -> int:
+        return self.cp * self.g * self.w
+
+    @property
+    def size(self) -> int:
+        return self.copies * self.n_c
+
+    def chunk_pieces(self, c: int) -> range:
+        return range(c * self.cp, min(self.pieces, (c + 1) * self.cp))
+
+    def to_dict(self):
+        return {"dim": self.dim, "pieces": self.pieces, "cp": self.cp, "g": self.g, "w": self.w, "copies": self.copies}
+
+
+@dataclass
+class Step:
+    name: str  # unique label, e.g. "L0.attn"
+    layer: int  # -1: embedding/input, n_layer: head
+    kind: str  # linear | attention | layernorm | gelu | relu | refresh | input | output
+    mode: str  # HE | A | B | C | D
+    op: str  # input | linear | client | refresh | poly | output | skip
+    src: str | None = None
+    dst: str | None = None
+    residual: str | None = None
+    fn: dict = field(default_factory=dict)  # client function / polynomial description
+    level_in: int | None = None
+    level_out: int | None = None
+    src_layout: Layout | None = None
+    dst_layout: Layout | None = None
+
+    def public(self) -> dict:
+        d = {k: getattr(self, k) for k in ("name", "layer", "kind", "mode", "op", "level_in", "level_out")}
+        d["fn"] = {k: v for k, v in self.fn.items() if k in ("name", "degree", "interval")}
+        return d
+
+
+@dataclass
+class Schedule:
+    steps: list[Step]
+    params: ParamSet
+    seq_len: int
+    g: int
+    groups: int
+    w: int
+    server_weights: dict  # name -> (list of plain matrices per (in_chunk, out_chunk), bias vectors per out chunk)
+    client_info: dict  # per client step: extra public parameters (eps, n_head, attention scale, stream scale)
+    modes: dict
+
+
+def fit_poly(act: str, degree: int, interval: float) -> list[float]:
+    """Least-squares polynomial (coefficients low->high) for an activation on [-interval, interval]."""
+    from .plan import act_fn
+
+    xs = np.linspace(-interval, interval, 2001)
+    coef = np.polynomial.polynomial.polyfit(xs, act_fn(act, xs), degree)
+    return [float(c) for c in coef]
+
+
+def poly_depth(degree: int) -> int:
+    """TenSEAL polyval depth: floor(log2 d) + 1 (the coefficient multiplication costs a level)."""
+    return math.floor(math.log2(degree)) + 1 if degree >= 1 else 0
+
+
+def req_copies(cp_in: int, cp_out: int, r_out: int, g: int, w: int) -> int:
+    """Input copies needed so that r_out output copies of cp_out pieces are computed without wrap-around."""
+    n_cin, n_cout = cp_in * g * w, cp_out * g * w
+    m_max = max(-(-(q * n_cout + b * g * w + w - 1) // n_cin) for q in range(r_out) for b in range(cp_out))
+    return m_max + 1
+
+
+def valid_out_copies(cp_in: int, cp_out: int, r_decl: int, valid_in: int, g: int, w: int) -> int:
+    q = 0
+    while q < r_decl and req_copies(cp_in, cp_out, q + 1, g, w) <= valid_in:
+        q += 1
+    return q
+
+
+def block_matrix(W: np.ndarray, lin: Layout, lout: Layout, cin: int, cout: int, q_valid: int) -> np.ndarray:
+    """Block-diagonal-over-tokens matrix for input chunk cin -> output chunk cout (first q_valid output copies)."""
+    w, g = lin.w, lin.g
+    pin, pout = lin.chunk_pieces(cin), lout.chunk_pieces(cout)
+    n_cin, n_cout = lin.n_c, lout.n_c
+    Wp = np.zeros((lin.pieces * w, lout.pieces * w))
+    Wp[: W.shape[0], : W.shape[1]] = W
+    M = np.zeros((lin.size, lout.size))
+    for q in range(q_valid):
+        for bb, ko in enumerate(pout):
+            for aa, ki in enumerate(pin):
+                blk = Wp[ki * w : (ki + 1) * w, ko * w : (ko + 1) * w]
+                if not blk.any():
+                    continue
+                m = max(0, -(-(q * n_cout + bb * g * w + w - 1 - aa * g * w) // n_cin))
+                if m >= lin.copies:
+                    raise AssertionError("not enough input copies (planner bug)")
+                r0, c0 = m * n_cin + aa * g * w, q * n_cout + bb * g * w
+                for t in range(g):
+                    M[r0 + t * w : r0 + (t + 1) * w, c0 + t * w : c0 + (t + 1) * w] = blk
+    return M
+
+
+def tile_bias(b: np.ndarray | None, lout: Layout, cout: int, q_valid: int) -> np.ndarray:
+    pout = lout.chunk_pieces(cout)
+    w, g = lout.w, lout.g
+    bp = np.zeros(lout.pieces * w)
+    if b is not None:
+        bp[: len(b)] = b
+    chunk = np.concatenate([np.tile(bp[k * w : (k + 1) * w], g) for k in pout])
+    out = np.zeros(lout.size)
+    out[: q_valid * lout.n_c] = np.tile(chunk, q_valid)
+    return out
+
+
+def nonzero_diagonals(M: np.ndarray) -> int:
+    n_in, n_out = M.shape
+    idx = (np.arange(n_in)[:, None] + np.arange(n_out)[None, :]) % n_in
+    return int(np.count_nonzero(np.any(M[idx, np.arange(n_out)[None, :]] != 0, axis=1)))
+
+
+def _x_copies(plan: ModelPlan) -> int:
+    r = 2
+    for b in plan.blocks:
+        if b.ln1 is None:
+            r = max(r, 4)  # qkv reads x: 3 output pieces
+        if b.ln2 is None and b.ffn == "mlp":
+            r = max(r, 1 + math.ceil(b.w_in.shape[1] / plan.d_model))
+        if b.ln2 is None and b.ffn == "fused":
+            r = max(r, 3)
+    return r
+
+
+def choose_group(plan: ModelPlan, seq_len: int, slots: int) -> int:
+    w = plan.d_model
+    rx = _x_copies(plan)
+    for g in range(min(seq_len, slots // w), 0, -1):
+        sizes = [rx * g * w, req_copies(1, 1, rx, g, w) * g * w, 5 * g * w]
+        for b in plan.blocks:
+            if b.ffn == "mlp":
+                p4 = math.ceil(b.w_in.shape[1] / w)
+                sizes += [(p4 + 1) * g * w, req_copies(p4, 1, rx, g, w) * p4 * g * w]
+        if max(sizes) <= slots:
+            groups = math.ceil(seq_len / g)
+            return math.ceil(seq_len / groups)
+    raise LevelBudgetError(
+        f"d_model={w} does not fit the packing: a token group needs at least {max(5, rx) * w} slots, only {slots} "
+        f"available; use a parameter set with more slots: {[p.name for p in sets_with_levels(1, 2 * max(5, rx) * w)]}"
+    )
+
+
+def kind_of(act: str) -> str | None:
+    return "relu" if act == "relu" else ("gelu" if act.startswith("gelu") else None)
+
+
+def compile_schedule(
+    plan: ModelPlan,
+    params: ParamSet,
+    seq_len: int,
+    modes: dict | None = None,
+    *,
+    allow_refresh: bool = True,
+    poly_degree: int = 2,
+    poly_interval: float = 4.0,
+) -> Schedule:
+    """Build the schedule and check the level budget before anything is encrypted.
+
+    Raises LevelBudgetError when some operation needs more levels than ``params`` provide and refreshes (mode B)
+    are disabled; the message names the depth needed and the secure parameter sets that would fit.
+    """
+    modes = {**NONLINEAR_DEFAULT_MODES, **(modes or {})}
+    for k, m in modes.items():
+        if k not in ALLOWED_MODES:
+            raise ValueError(f"unknown operation kind {k!r} in modes; known: {sorted(ALLOWED_MODES)}")
+        if m not in ALLOWED_MODES[k]:
+            raise ValueError(f"mode {m!r} not supported for {k}; allowed: {sorted(ALLOWED_MODES[k])}")
+    if seq_len < 1 or seq_len > plan.wpe.shape[0]:
+        raise ValueError(f"seq_len={seq_len} must be in [1, {plan.wpe.shape[0]}] (the model's context)")
+    w, L, slots = plan.d_model, params.levels, params.slots
+    g = choose_group(plan, seq_len, slots)
+    groups = math.ceil(seq_len / g)
+    rx = _x_copies(plan)
+
+    def layout(dim: int, cp: int | None = None, copies: int = 1) -> Layout:
+        pieces = math.ceil(dim / w)
+        cp = max(1, min(pieces, cp if cp else slots // (w * g * copies)))
+        return Layout(dim, pieces, cp, g, w, copies)
+
+    steps: list[Step] = []
+    weights: dict = {}
+    client: dict = {}
+    levels: dict[str, int] = {}
+    valid: dict[str, int] = {}  # copies that hold correct values
+    consumed: dict[str, int] = {}  # levels consumed since the register was last fresh (for the no-refresh bound)
+    layouts: dict[str, Layout] = {}
+    need = [0]
+    failures: list[str] = []
+
+    def fresh(reg: str, lay: Layout):
+        levels[reg], consumed[reg], layouts[reg], valid[reg] = L, 0, lay, lay.copies
+
+    def ensure(reg: str, cost: int, layer: int, who: str, copies: int = 1):
+        need[0] = max(need[0], consumed[reg] + cost)
+        if levels[reg] >= cost and valid[reg] >= copies:
+            return
+        if not allow_refresh:
+            if levels[reg] < cost:
+                failures.append(f"{who} needs {cost} level(s), {reg!r} has {levels[reg]}")
+            else:
+                failures.append(f"{who} needs {copies} replicated copies of {reg!r}, {valid[reg]} are valid")
+            levels[reg], valid[reg] = L, layouts[reg].copies
+            return
+        steps.append(
+            Step(
+                f"{who}.refresh",
+                layer,
+                "refresh",
+                "B",
+                "refresh",
+                src=reg,
+                dst=reg,
+                level_in=levels[reg],
+                level_out=L,
+                src_layout=layouts[reg],
+                dst_layout=layouts[reg],
+            )
+        )
+        fresh(reg, layouts[reg])
+
+    def linear(name, layer, src, dst, W, b, residual=None, out_cp=None, out_copies=1):
+        lin0 = layouts[src]
+        if residual is not None:
+            lout = layouts[residual]
+        else:
+            lout = layout(W.shape[1], out_cp or max(1, slots // (w * g) - 1), out_copies)
+        need_copies = req_copies(lin0.cp, lout.cp, 1, g, w)
+        ensure(src, 1, layer, name, need_copies)
+        lin = layouts[src]
+        q_valid = valid_out_copies(lin.cp, lout.cp, lout.copies, valid[src], g, w)
+        mats = {}
+        for ci in range(lin.chunks):
+            for co in range(lout.chunks):
+                M = block_matrix(W, lin, lout, ci, co, q_valid)
+                if M.any():
+                    mats[(ci, co)] = M
+        biases = [tile_bias(b, lout, co, q_valid) for co in range(lout.chunks)]
+        weights[name] = (mats, biases)
+        lvl = levels[src] - 1
+        cons = consumed[src] + 1
+        if residual is not None:
+            lvl, cons = min(lvl, levels[residual]), max(cons, consumed[residual])
+            q_valid = min(q_valid, valid[residual])
+        steps.append(
+            Step(
+                name,
+                layer,
+                "linear",
+                "HE",
+                "linear",
+                src=src,
+                dst=dst,
+                residual=residual,
+                level_in=levels[src],
+                level_out=lvl,
+                src_layout=lin,
+                dst_layout=lout,
+            )
+        )
+        levels[dst], consumed[dst], layouts[dst], valid[dst] = lvl, cons, lout, q_valid
+
+    def client_step(name, layer, kind, src, dst, fn, dst_dim, dst_cp=None, copies=1):
+        lay = layout(dst_dim, dst_cp, copies)
+        steps.append(
+            Step(
+                name,
+                layer,
+                kind,
+                "A",
+                "client",
+                src=src,
+                dst=dst,
+                fn=fn,
+                level_in=levels[src],
+                level_out=L,
+                src_layout=layouts[src],
+                dst_layout=lay,
+            )
+        )
+        client[name] = fn
+        fresh(dst, lay)
+
+    def p_out(W):
+        return math.ceil(W.shape[1] / w)
+
+    fresh("x", layout(w, 1, rx))
+    steps.append(Step("input", -1, "input", "HE", "input", dst="x", level_out=L, dst_layout=layouts["x"]))
+    s = 1.0  # the server's residual ciphertext holds x / s (scalars folded into plaintext weights)
+    for i, blk in enumerate(plan.blocks):
+        d = w
+        # ---- attention
+        if blk.ln1 is not None:
+            client_step(
+                f"L{i}.ln1",
+                i,
+                "layernorm",
+                "x",
+                "h",
+                {"name": "layernorm", "eps": blk.ln1.eps, "scale": s},
+                d,
+                1,
+                req_copies(1, 3, 1, g, w),
+            )
+            Wq = blk.ln1.gamma[:, None] * blk.w_qkv
+            bq = blk.ln1.beta @ blk.w_qkv + blk.b_qkv
+            linear(f"L{i}.qkv", i, "h", "qkv", Wq, bq, out_cp=3)
+        else:
+            linear(f"L{i}.qkv", i, "x", "qkv", s * blk.w_qkv, blk.b_qkv, out_cp=3)
+        fn = {"name": "attention", "n_head": blk.n_head}
+        if blk.attn_scale is not None:
+            fn["attn_scale"] = np.asarray(blk.attn_scale, dtype=np.float64).tolist()
+        client_step(f"L{i}.attn", i, "attention", "qkv", "a", fn, d, 1, req_copies(1, 1, rx, g, w))
+        linear(f"L{i}.o_proj", i, "a", "x", blk.w_o / s, blk.b_o / s, residual="x")
+        # ---- FFN: x_out = beta*x + FFN(h)/alpha ; new stream scale s' = beta*s
+        s_new = blk.beta * s
+        k_out = 1.0 / (blk.alpha * s_new)
+        if blk.ln2 is not None:
+            client_step(
+                f"L{i}.ln2",
+                i,
+                "layernorm",
+                "x",
+                "h",
+                {"name": "layernorm", "eps": blk.ln2.eps, "scale": s},
+                d,
+                1,
+                req_copies(1, p_out(blk.w_in) if blk.ffn == "mlp" else 1, 1 if blk.ffn == "mlp" else rx, g, w),
+            )
+            src, W_in, b_in_ln = "h", blk.ln2.gamma[:, None] * blk.w_in if blk.ffn != "none" else None, blk.ln2.beta
+        else:
+            src, W_in, b_in_ln = "x", s * blk.w_in if blk.ffn != "none" else None, None
+        if blk.ffn == "none":
+            pass
+        elif blk.ffn == "fused":
+            b_f = (b_in_ln @ blk.w_in if b_in_ln is not None else 0) + blk.b_in
+            if src == "x":  # x~' = x~ + (s x~ W + b)/(alpha beta s): residual folded into the matrix
+                Wf = np.eye(d) + W_in * k_out
+                linear(f"L{i}.ffn", i, "x", "x", Wf, b_f * k_out, out_cp=1, out_copies=rx)
+            else:
+                linear(f"L{i}.ffn", i, src, "x", W_in * k_out, b_f * k_out, residual="x")
+        else:
+            b1 = (b_in_ln @ blk.w_in if b_in_ln is not None else 0) + blk.b_in
+            z_copies = (
+                1
+                if (blk.act != "identity" and modes[kind_of(blk.act)] == "A")
+                else req_copies(p_out(blk.w_in), 1, rx, g, w)
+            )
+            linear(f"L{i}.fc_in", i, src, "z", W_in, b1, out_cp=p_out(blk.w_in), out_copies=z_copies)
+            kind = kind_of(blk.act)
+            if kind is None:  # identity activation, unfused: mode D
+                steps.append(
+                    Step(
+                        f"L{i}.act",
+                        i,
+                        "identity",
+                        "D",
+                        "skip",
+                        src="z",
+                        dst="z",
+                        level_in=levels["z"],
+                        level_out=levels["z"],
+                    )
+                )
+            elif modes[kind] == "A":
+                client_step(
+                    f"L{i}.act",
+                    i,
+                    kind,
+                    "z",
+                    "z",
+                    {"name": blk.act},
+                    blk.w_in.shape[1],
+                    layouts["z"].cp,
+                    req_copies(layouts["z"].cp, 1, rx, g, w),
+                )
+            else:  # C: polynomial under encryption
+                coeffs = fit_poly(blk.act, poly_degree, poly_interval)
+                dep = poly_depth(poly_degree)
+                ensure("z", dep, i, f"L{i}.act")
+                steps.append(
+                    Step(
+                        f"L{i}.act",
+                        i,
+                        kind,
+                        "C",
+                        "poly",
+                        src="z",
+                        dst="z",
+                        fn={"name": blk.act, "degree": poly_degree, "interval": poly_interval, "coeffs": coeffs},
+                        level_in=levels["z"],
+                        level_out=levels["z"] - dep,
+                    )
+                )
+                levels["z"] -= dep
+                consumed["z"] += dep
+            linear(f"L{i}.fc_out", i, "z", "x", blk.w_out * k_out, blk.b_out * k_out, residual="x")
+        s = s_new
+    if plan.ln_f is not None:
+        head_cp = max(1, min(p_out(plan.w_head), slots // (2 * w * g) - 1))
+        client_step(
+            "ln_f",
+            len(plan.blocks),
+            "layernorm",
+            "x",
+            "h",
+            {"name": "layernorm", "eps": plan.ln_f.eps, "scale": s},
+            w,
+            1,
+            req_copies(1, head_cp, 1, g, w),
+        )
+        Wh = plan.ln_f.gamma[:, None] * plan.w_head
+        bh = plan.ln_f.beta @ plan.w_head + (plan.b_head if plan.b_head is not None else 0)
+        linear("lm_head", len(plan.blocks), "h", "logits", Wh, bh, out_cp=head_cp)
+    else:
+        linear(
+            "lm_head",
+            len(plan.blocks),
+            "x",
+            "logits",
+            s * plan.w_head,
+            plan.b_head,
+            out_cp=max(1, min(p_out(plan.w_head), rx - 1)),
+        )
+    steps.append(
+        Step(
+            "logits",
+            len(plan.blocks),
+            "output",
+            "HE",
+            "output",
+            src="logits",
+            level_in=levels["logits"],
+            src_layout=layouts["logits"],
+        )
+    )
+    if failures:
+        fits = [p.name for p in sets_with_levels(need[0], 2 * w)]
+        raise LevelBudgetError(
+            f"circuit needs {need[0]} levels between refreshes but parameter set {params.name!r} provides {L} "
+            f"and refreshes (mode B) are disabled; first problems: {failures[:3]}. "
+            + (
+                f"Parameter sets that fit: {fits}."
+                if fits
+                else "No secure built-in parameter set fits; allow refreshes (mode B) or use client-aided modes."
+            )
+        )
+    used_modes = {st.kind: st.mode for st in steps if st.kind in ("layernorm", "attention", "gelu", "relu")}
+    return Schedule(steps, params, seq_len, g, groups, w, weights, client, used_modes)

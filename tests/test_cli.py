@@ -1,0 +1,141 @@
+"""The `entropic` command end to end on the debug recipe: training, checkpoints, logs, report, resume, bad input."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+
+from entropic.cli import main
+from entropic.report import read_run_metrics
+
+REPO = Path(__file__).resolve().parent.parent
+DEBUG = REPO / "recipes" / "debug.yaml"
+ENTROPIC = [sys.executable, "-m", "entropic.cli"]
+
+pytestmark = pytest.mark.slow
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+def _fit(root: Path, *overrides: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    cmd = [*ENTROPIC, "fit", "--config", str(DEBUG), f"--trainer.default_root_dir={root}", *overrides]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(), cwd=REPO)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def _global_step(checkpoint: Path) -> int:
+    return int(torch.load(checkpoint, map_location="cpu", weights_only=False)["global_step"])
+
+
+def test_debug_recipe_trains_and_writes_checkpoint_logs_and_report(tmp_path):
+    root = tmp_path / "run"
+    result = _fit(root)
+    last = root / "checkpoints" / "last.ckpt"
+    assert last.is_file() and _global_step(last) == 8
+    rows = read_run_metrics(root)
+    keys = set().union(*(r.keys() for r in rows))
+    assert {"train/loss", "val/loss", "val/ppl", "train/entropy_penalty", "train/tokens_per_sec"} <= keys
+    assert "entropy/layer_0/head_0" in keys and "entropy/layer_1/head_1" in keys
+    assert {f"entropy/bin_{k}_share" for k in range(4)} <= keys
+    ppl = [float(r["val/ppl"]) for r in rows if r.get("val/ppl")]
+    val = [float(r["val/loss"]) for r in rows if r.get("val/loss")]
+    assert ppl and ppl[-1] == pytest.approx(torch.tensor(val[-1]).exp().item(), rel=1e-4)
+    report = (root / "report.md").read_text()
+    assert "SM(t)+ScFuFFN" in report and "| no |" in report  # the architecture, and it did not diverge
+    assert "Report written" in result.stdout
+    assert list(root.rglob("*.png")), "the entropy monitor wrote no figure"
+
+
+def test_killed_run_resumes_from_last_checkpoint_without_losing_metrics(tmp_path):
+    root = tmp_path / "run"
+    cmd = [
+        *ENTROPIC,
+        "fit",
+        "--config",
+        str(DEBUG),
+        f"--trainer.default_root_dir={root}",
+        "--trainer.max_steps=400",
+        "--checkpoint.every_n_train_steps=3",
+    ]
+    last = root / "checkpoints" / "last.ckpt"
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), cwd=REPO)
+    try:
+        deadline = time.monotonic() + 240
+        while not last.is_file() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)  # let the checkpoint file be complete: it is written atomically, but be safe about the rename
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert last.is_file(), "no checkpoint was written before the deadline"
+    killed_at = _global_step(last)
+    assert 0 < killed_at < 400
+
+    _fit(root, "--trainer.max_steps=12", "--ckpt_path=last", "--checkpoint.every_n_train_steps=3")
+    assert _global_step(last) == 12
+    rows = read_run_metrics(root)
+    steps = sorted({int(float(r["step"])) for r in rows if r.get("train/loss")})
+    # Steps logged before the kill are kept, and the resumed launch continues to the end.
+    assert steps[0] < killed_at and steps[-1] >= 10
+    assert len(list((root / "logs").glob("version_*"))) == 2
+    with (root / "report.md").open() as handle:
+        assert "12" in handle.read()
+
+
+def _run_in_process(*args: str) -> None:
+    with mock.patch.object(sys, "argv", ["entropic"]):
+        main(list(args))
+
+
+def test_unknown_architecture_is_refused_before_training(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown preset 'SM\+XYZ'.*SM\+LN\+G"):
+        _run_in_process("fit", "--config", str(DEBUG), f"--trainer.default_root_dir={tmp_path}", "--model.arch=SM+XYZ")
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_empty_data_folder_is_refused_before_training(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="empty"):
+        _run_in_process(
+            "fit", "--config", str(DEBUG), f"--trainer.default_root_dir={tmp_path}", f"--data.source={empty}"
+        )
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_block_size_above_the_model_context_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="block_size=64 is above the model's context"):
+        _run_in_process("fit", "--config", str(DEBUG), f"--trainer.default_root_dir={tmp_path}", "--data.block_size=64")
+
+
+def test_report_command_compares_runs_side_by_side(tmp_path, capsys):
+    for name, loss in (("a", 2.0), ("b", float("nan"))):
+        log_dir = tmp_path / name / "logs" / "version_0"
+        log_dir.mkdir(parents=True)
+        with (log_dir / "metrics.csv").open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["step", "train/loss", "val/loss", "val/ppl"])
+            writer.writeheader()
+            writer.writerow(
+                {"step": 9, "train/loss": loss, "val/loss": loss, "val/ppl": torch.tensor(loss).exp().item()}
+            )
+        (log_dir / "hparams.yaml").write_text(f"arch: arch-{name}\n")
+    main(["report", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path)])
+    table = capsys.readouterr().out
+    lines = [line for line in table.splitlines() if line.startswith("| a ") or line.startswith("| b ")]
+    assert "arch-a" in lines[0] and "7.389" in lines[0] and "| no |" in lines[0]
+    assert "arch-b" in lines[1] and "| yes |" in lines[1]
+    assert (tmp_path / "report.json").is_file()
