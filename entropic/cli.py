@@ -46,7 +46,11 @@ class EntropicCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
+        # last.ckpt every 100 optimizer steps (and at the end), so a killed run resumes with --ckpt_path last.
+        # With save_top_k=0 Lightning writes `last` only on this step cadence, not at validation or epoch end.
+        parser.set_defaults(
+            {"checkpoint.save_last": True, "checkpoint.save_top_k": 0, "checkpoint.every_n_train_steps": 100}
+        )
         parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=_checkpoint_dir)
         parser.link_arguments("model.n_positions", "data.max_block_size")
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")

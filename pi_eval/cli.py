@@ -1,4 +1,9 @@
-"""``python -m pi_eval bench ...``: one encrypted inference of a preset (or checkpoint), report to DIR."""
+"""``python -m pi_eval bench|project|plot``.
+
+* ``bench``: one encrypted inference of a preset (or checkpoint), report to DIR;
+* ``project``: the paper-scale 2PC cost projection (:mod:`pi_eval.projection`);
+* ``plot``: bytes and latency of several reports, stacked by operation kind (:mod:`pi_eval.plot`).
+"""
 
 from __future__ import annotations
 
@@ -87,6 +92,70 @@ def bench(args, tamper=None) -> int:
     return 0
 
 
+def project(args) -> int:
+    from .projection import fit_cost_model
+    from .projection import project as project_cost
+
+    if args.profile != "WAN":
+        raise ValueError(f"the projection is fitted to the paper's WAN only, got profile {args.profile!r}")
+    model = fit_cost_model()
+    proj = project_cost(
+        args.preset,
+        n_layer=args.n_layer,
+        d_model=args.d_model,
+        n_head=args.n_head,
+        seq_len=args.seq_len,
+        vocab_size=args.vocab_size,
+        n_positions=args.n_positions,
+        attention=args.attention,
+        ffn_layers=args.ffn_layers,
+        model=model,
+    )
+    config = {
+        k: getattr(args, k)
+        for k in ("preset", "n_layer", "d_model", "n_head", "seq_len", "vocab_size", "attention", "ffn_layers")
+    }
+    out = {"profile": "WAN", "bandwidth_mbps": 100, "rtt_ms": 80, "config": config, **proj.to_dict()}
+    fit_summary = model.error_summary()
+    out["fit"] = fit_summary
+    if args.json:
+        print(json.dumps(out, indent=2, default=float))
+        return 0
+    print(f"{args.preset} L={args.n_layer} d={args.d_model} H={args.n_head} T={args.seq_len}, WAN 100 Mbps / 80 ms:")
+    print(f"  communication {proj.comm_gb:.2f} GB, latency {proj.latency_min:.2f} min")
+    for k in proj.comm_gb_by_kind:
+        print(f"    {k:10s} {proj.comm_gb_by_kind[k]:8.3f} GB {proj.latency_min_by_kind[k]:7.3f} min")
+    for name in ("fitted", "held_out"):
+        f = fit_summary[name]
+        print(
+            f"  fit error, {name} rows ({', '.join(f['tables'])}): comm max {100 * f['max_abs_comm_rel_error']:.1f}%,"
+            f" latency max {100 * f['max_abs_latency_rel_error']:.1f}%"
+        )
+    if args.show_fit:
+        for r in fit_summary["rows"]:
+            print(
+                f"    {r['table']:22s} {r['paper_name']:20s} {'fit ' if r['fitted'] else 'held'} comm"
+                f" {r['paper_comm_gb']:7.2f} -> {r['comm_gb']:7.2f} GB ({100 * r['comm_rel_error']:+.1f}%), latency"
+                f" {r['paper_latency_min']:6.2f} -> {r['latency_min']:6.2f} min ({100 * r['latency_rel_error']:+.1f}%)"
+            )
+    return 0
+
+
+def plot(args) -> int:
+    from .plot import plot_reports
+
+    reports = []
+    for path in args.reports:
+        try:
+            with open(path) as f:
+                reports.append(json.load(f))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read report {path!r}: {e}") from e
+    out = plot_reports(reports, args.out, labels=args.label, profile=args.profile)
+    print(str(out))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pi_eval", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -109,6 +178,24 @@ def main(argv=None) -> int:
     b.add_argument("--threads", type=int, default=1)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--out", required=True)
+    p = sub.add_parser("project", help="projected 2PC cost at paper scale (BumbleBee, WAN 100 Mbps / 80 ms)")
+    p.add_argument("--preset", default="SM+LN+G")
+    p.add_argument("--n-layer", type=int, default=12)
+    p.add_argument("--d-model", type=int, default=768)
+    p.add_argument("--n-head", type=int, default=12)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--vocab-size", type=int, default=52_000, help="default: the paper's CodeParrot tokenizer")
+    p.add_argument("--n-positions", type=int, default=1024, help="the model's context length")
+    p.add_argument("--attention", choices=["standard", "simplified"], default="standard")
+    p.add_argument("--ffn-layers", type=int, default=None, help="blocks keeping their FFN (pruned _i variants)")
+    p.add_argument("--profile", default="WAN", help="network profile; only the paper's WAN is fitted")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--show-fit", action="store_true", help="print the fit error of every paper row")
+    g = sub.add_parser("plot", help="PNG of bytes and latency per report, stacked by operation kind")
+    g.add_argument("reports", nargs="+", help="bench report.json or project --json output files")
+    g.add_argument("--out", required=True, help="PNG path")
+    g.add_argument("--label", action="append", help="bar label per report, in order (repeatable)")
+    g.add_argument("--profile", default="WAN", help="network profile of the bench reports' latency")
     args = ap.parse_args(argv)
     return run(args)
 
@@ -142,7 +229,7 @@ def bench_parser_defaults(**kw) -> argparse.Namespace:
 
 def run(args) -> int:
     try:
-        return bench(args)
+        return {"bench": bench, "project": project, "plot": plot}[args.cmd](args)
     except Exception as e:
         print(f"pi_eval {args.cmd} failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 2

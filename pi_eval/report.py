@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from entropic.io import atomic_write_text
 
 # name -> (bandwidth in bit/s, round-trip time in s)
 NETWORK_PROFILES = {"LAN": (3e9, 0.8e-3), "WAN": (100e6, 80e-3)}
@@ -155,21 +155,6 @@ def build_report(res, reference_logits: np.ndarray, *, profiles: dict | None = N
     }
 
 
-def _atomic_write(path: Path, data: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def write_report(report: dict, out_dir: str | os.PathLike) -> tuple[Path, Path]:
     out = Path(out_dir)
     buf = io.StringIO()
@@ -178,6 +163,6 @@ def write_report(report: dict, out_dir: str | os.PathLike) -> tuple[Path, Path]:
     for r in report["operations"]:
         wr.writerow({k: r.get(k) for k in ROW_FIELDS})
     js = json.dumps(report, indent=2, default=float)
-    _atomic_write(out / "report.csv", buf.getvalue())
-    _atomic_write(out / "report.json", js)  # written last: its presence means the run completed
+    atomic_write_text(out / "report.csv", buf.getvalue())
+    atomic_write_text(out / "report.json", js)  # written last: its presence means the run completed
     return out / "report.json", out / "report.csv"

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch.utils.data import DataLoader
 
 from entropic.data.corpus import default_cache_dir
@@ -51,6 +50,7 @@ from entropic.data.corpus import (
     stdlib_dir,
     stdlib_files,
 )
+from entropic.data.sampling import ResumableDataLoader, ResumableSampler
 from entropic.data.tokenizer import bpe_cache_key, check_vocab_size, load_or_train_bpe, load_pretrained_tokenizer
 
 _FORMAT = 1  # bump when the on-disk token format or the split rule changes
@@ -93,7 +93,7 @@ class EntropicDataModule(LightningDataModule):
         max_tokens: read at most this many tokens, split between train and val by ``val_fraction``.
         max_block_size: the model's maximum context; a larger ``block_size`` is an error.
         num_workers: DataLoader worker processes.
-        seed: seed of the train shuffling (the split does not depend on it).
+        seed: seed of the train shuffling; epoch ``e`` is shuffled with ``seed + e`` (the split does not depend on it).
         cache_dir: where tokens, tokenizers and Arrow caches go; defaults to ``$ENTROPIC_CACHE`` or
             ``./.cache/entropic``.
 
@@ -236,13 +236,18 @@ class EntropicDataModule(LightningDataModule):
                     f"{meta['splits'][split]['n_docs']} documents); lower block_size or add data"
                 )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableDataLoader:
+        """Shuffled train batches that a resumed run continues exactly where it stopped, even mid-epoch.
+
+        Epoch ``e``'s order depends only on ``(seed, e)``; the loader's position is saved in Lightning checkpoints
+        (see :mod:`entropic.data.sampling`). Under DDP each rank takes its share of every permutation.
+        """
         ds = self._dataset("train")
-        return DataLoader(
+        ranks = self.trainer.distributed_sampler_kwargs if self.trainer is not None else None
+        return ResumableDataLoader(
             ds,
             batch_size=self.batch_size,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(self.seed),
+            sampler=ResumableSampler(ds, seed=self.seed, **(ranks or {})),
             drop_last=len(ds) >= self.batch_size,  # fixed tokens per step, unless there is less than one batch
             collate_fn=collate_blocks,
             num_workers=self.num_workers,
