@@ -8,8 +8,10 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -30,11 +32,18 @@ def bench(args, tamper=None) -> int:
     from .extract import build_model, plan_from_model, torch_logits
     from .protocol import run_protocol
     from .report import build_report, parse_profile, write_report
+    from .schedule import poly_act_override
 
     if args.checkpoint:
         from entropic.models import EntropicForCausalLM
 
-        model = EntropicForCausalLM.from_pretrained(args.checkpoint).eval().double()
+        ckpt = Path(args.checkpoint)
+        if not (ckpt / "config.json").is_file():
+            raise FileNotFoundError(
+                f"--checkpoint {args.checkpoint!r} is not a save_pretrained directory: "
+                + ("it does not exist" if not ckpt.exists() else "it has no config.json")
+            )
+        model = EntropicForCausalLM.from_pretrained(ckpt).eval().double()
     else:
         model = build_model(
             args.preset,
@@ -72,7 +81,18 @@ def bench(args, tamper=None) -> int:
         "seq_len": args.seq_len,
         "threads": args.threads,
     }
-    rep = build_report(res, ref, profiles=profiles, meta=meta)
+    override = poly_act_override(res.schedule)
+    exact = None
+    if override is not None:  # mode C: the protocol evaluates the model with its polynomials
+        exact, ref = ref, plan.forward(ids, act_override=override)
+        meta["reference"] = "plaintext model with the mode-C polynomials (vs_exact_model: the original model)"
+    rep = build_report(res, ref, profiles=profiles, meta=meta, exact_logits=exact)
+    if args.save_logits:  # written before report.json, whose presence marks a completed run
+        from entropic.io import atomic_write_bytes
+
+        buf = io.BytesIO()
+        np.savez(buf, ids=ids, decrypted=res.logits, reference=ref, exact=ref if exact is None else exact)
+        atomic_write_bytes(Path(args.out) / "logits.npz", buf.getvalue())
     js, _ = write_report(rep, args.out)
     summary = {
         k: rep[k]
@@ -83,6 +103,8 @@ def bench(args, tamper=None) -> int:
             "setup_bytes",
             "max_abs_logit_error",
             "top1_agreement",
+            "slot_use",
+            "slot_use_bound",
             "harness_overhead",
         )
     }
@@ -178,6 +200,7 @@ def main(argv=None) -> int:
     b.add_argument("--threads", type=int, default=1)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--out", required=True)
+    b.add_argument("--save-logits", action="store_true", help="also write DIR/logits.npz (ids, decrypted, reference)")
     p = sub.add_parser("project", help="projected 2PC cost at paper scale (BumbleBee, WAN 100 Mbps / 80 ms)")
     p.add_argument("--preset", default="SM+LN+G")
     p.add_argument("--n-layer", type=int, default=12)
@@ -221,6 +244,7 @@ def bench_parser_defaults(**kw) -> argparse.Namespace:
         threads=1,
         seed=0,
         out=None,
+        save_logits=False,
         cmd="bench",
     )
     d.update(kw)

@@ -26,7 +26,7 @@ def pack(X: np.ndarray, lay: Layout, groups: int) -> list[list[np.ndarray]]:
     out = []
     for j in range(groups):
         G = Xp[j * lay.g : (j + 1) * lay.g].reshape(lay.g, lay.pieces, lay.w).transpose(1, 0, 2)
-        out.append([np.tile(G[list(lay.chunk_pieces(c))].reshape(-1), lay.copies) for c in range(lay.chunks)])
+        out.append([lay.replicate(G[list(lay.chunk_pieces(c))].reshape(-1)) for c in range(lay.chunks)])
     return out
 
 
@@ -119,7 +119,7 @@ class Client:
             if st.op == "refresh":  # re-encrypt the masked values, restoring every replicated copy from copy 0
                 lay = st.src_layout
                 vecs = self._dec(reply.blobs, lay, sched.groups)
-                blobs = self._enc([[np.tile(v[: lay.n_c], lay.copies) for v in grp] for grp in vecs])
+                blobs = self._enc([[lay.replicate(v[: lay.n_c]) for v in grp] for grp in vecs])
             elif st.op == "client":
                 X = unpack(self._dec(reply.blobs, st.src_layout, sched.groups), st.src_layout, T)
                 Y = self.apply(st.fn, X)

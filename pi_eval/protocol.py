@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import queue
 import time
 from dataclasses import dataclass
 
@@ -32,6 +33,21 @@ class RunResult:
 def _server_schedule(s: Schedule) -> Schedule:
     """What the server process gets at start: the schedule with its weights, no client information, no keys."""
     return Schedule(s.steps, s.params, s.seq_len, s.g, s.groups, s.w, s.server_weights, {}, s.modes)
+
+
+def _server_port(q, proc, timeout_s: float = 300.0) -> int:
+    """The TCP server's port; fails at once if its process dies during start-up instead of waiting out the timeout."""
+    deadline = time.perf_counter() + timeout_s
+    while time.perf_counter() < deadline:
+        try:
+            return q.get(timeout=0.5)
+        except queue.Empty:
+            if not proc.is_alive():
+                raise RuntimeError(
+                    f"the TCP server process exited during start-up (exit code {proc.exitcode})"
+                ) from None
+    proc.kill()
+    raise TimeoutError(f"the TCP server process did not start listening within {timeout_s:.0f} s")
 
 
 def run_protocol(
@@ -69,7 +85,7 @@ def run_protocol(
         q = ctx.Queue()
         proc = ctx.Process(target=serve_tcp, args=(_server_schedule(sched), threads, q, seed), daemon=True)
         proc.start()
-        port = q.get(timeout=300)
+        port = _server_port(q, proc)
         tr = TcpTransport("127.0.0.1", port, tamper)
     else:
         raise ValueError(f"unknown transport {transport!r}; use 'inprocess' or 'tcp'")

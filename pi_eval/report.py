@@ -12,6 +12,8 @@ import numpy as np
 
 from entropic.io import atomic_write_text
 
+from .slots import run_slot_use, step_count
+
 # name -> (bandwidth in bit/s, round-trip time in s)
 NETWORK_PROFILES = {"LAN": (3e9, 0.8e-3), "WAN": (100e6, 80e-3)}
 
@@ -32,7 +34,8 @@ ROW_FIELDS = [
     "client_s",
     "he_s",
     "mm_calls",
-    "mm_window_occupancy",
+    "slot_use",
+    "slot_use_bound",
 ]
 
 
@@ -49,7 +52,16 @@ def modelled_latency(bytes_total: int, round_trips: int, compute_s: float, bw_bp
     return compute_s + round_trips * rtt_s + bytes_total * 8.0 / bw_bps
 
 
-def build_report(res, reference_logits: np.ndarray, *, profiles: dict | None = None, meta: dict | None = None) -> dict:
+def build_report(
+    res,
+    reference_logits: np.ndarray,
+    *,
+    profiles: dict | None = None,
+    meta: dict | None = None,
+    exact_logits: np.ndarray | None = None,
+) -> dict:
+    """Report of one run.  ``reference_logits``: the plaintext model the protocol evaluates (with the mode-C
+    polynomials, if any); ``exact_logits``: the original model, to report what the polynomials cost in accuracy."""
     sched, chan = res.schedule, res.channel
     profiles = {**NETWORK_PROFILES, **(profiles or {})}
     srv = res.server_stats["steps"]
@@ -59,9 +71,7 @@ def build_report(res, reference_logits: np.ndarray, *, profiles: dict | None = N
         c = chan.online.get(st.name)
         s = srv.get(st.name, {})
         k = cli.get(st.name, {})
-        occ = None
-        if st.op == "linear":
-            occ = (st.src_layout.size + st.dst_layout.size) / sched.params.slots
+        sc = step_count(st, sched)
         lvl_used = None
         if st.level_in is not None and st.level_out is not None and st.mode in ("HE", "C"):
             lvl_used = st.level_in - st.level_out
@@ -83,7 +93,8 @@ def build_report(res, reference_logits: np.ndarray, *, profiles: dict | None = N
                 "client_s": k.get("client_s", 0.0),
                 "he_s": s.get("he_s", 0.0) + k.get("he_s", 0.0),
                 "mm_calls": s.get("mm_calls", 0),
-                "mm_window_occupancy": occ,
+                "slot_use": sc.use(sched.params.slots) if sc else None,
+                "slot_use_bound": sc.bound(sched.params.slots) if sc else None,
             }
         )
     tot = chan.totals()
@@ -115,7 +126,6 @@ def build_report(res, reference_logits: np.ndarray, *, profiles: dict | None = N
         for name, (bw, rtt) in profiles.items()
     }
     err = np.abs(res.logits - reference_logits)
-    occ = [r["mm_window_occupancy"] for r in rows if r["mm_window_occupancy"] is not None]
     return {
         "meta": meta or {},
         "transport": res.transport,
@@ -142,11 +152,17 @@ def build_report(res, reference_logits: np.ndarray, *, profiles: dict | None = N
         "max_abs_logit_error": float(err.max()),
         "top1_agreement": float(np.mean(res.logits.argmax(-1) == reference_logits.argmax(-1))),
         "top1_last_token_equal": bool(res.logits[-1].argmax() == reference_logits[-1].argmax()),
+        "vs_exact_model": None
+        if exact_logits is None
+        else {
+            "max_abs_logit_diff": float(np.abs(res.logits - exact_logits).max()),
+            "top1_agreement": float(np.mean(res.logits.argmax(-1) == exact_logits.argmax(-1))),
+        },
         "compute_s": compute,
         "he_primitive_s": he_total,
         "online_wall_s": res.online_wall_s,
         "harness_overhead": res.online_wall_s / he_total if he_total > 0 else None,
-        "mm_window_occupancy_mean": float(np.mean(occ)) if occ else None,
+        **run_slot_use(sched),
         "latency": latency,
         "by_kind": by_kind,
         "server_holds_secret_key": res.server_stats["holds_secret_key"],

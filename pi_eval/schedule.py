@@ -9,13 +9,22 @@ holds ``cp`` consecutive pieces of one group in the order (piece, token, feature
 
 A linear layer maps an input chunk to an output chunk with one TenSEAL ``mm`` (Halevi-Shoup diagonals) on a matrix
 that is block diagonal over tokens, ``M[(m,k,t,e), (q,k',t',e')] = [t == t'] * W[k*w+e, k'*w+e']`` for one chosen
-input copy ``m`` per output block.  Why copies: ``mm`` reads slot ``j + i`` for diagonal ``i`` and output ``j``; a
-fresh TenSEAL ciphertext is replicated over all slots, but an ``mm`` output is not, so a server-side chain
-(o_proj -> fc_in, ffn -> next qkv) is only correct when every non-zero entry has ``row >= col`` (no wrap-around).
-Choosing for each output block the first input copy that lies "below" it satisfies this and keeps all blocks on the
-same few diagonals: an ``mm`` costs about ``cp_in * (2w - 1)`` non-zero diagonals (TenSEAL skips zero ones) instead
-of ``g * d_in`` for naive token packing.  Each server-side linear whose input is not fresh loses copies like it loses
-levels; the planner tracks both and inserts a refresh (mode B) when either runs out.
+input copy ``m`` per output block.  ``mm`` on a vector of declared size ``n`` computes output ``j`` from slot
+``j + ((row - j) mod n)`` and rotations are cyclic over *all* slots, so entry (row, j) reads slot ``row`` when either
+``row >= j`` or ``n`` is the whole slot vector.  A fresh TenSEAL ciphertext is replicated over all slots, an ``mm``
+output is not, so a register is declared one of two ways:
+
+* *compact* (size ``copies * n_c`` < slots): every non-zero entry needs ``row >= col``; choosing for each output
+  block the first input copy that lies "below" it satisfies this and keeps all blocks on the same few diagonals
+  (about ``cp_in * (2w - 1)`` non-zero diagonals, TenSEAL skips zero ones, instead of ``g * d_in`` for naive token
+  packing).  A server-side linear whose input is not fresh loses copies like it loses levels; the planner tracks
+  both and inserts a refresh (mode B) when either runs out.
+* *cyclic* (declared size = slots, ``copies = slots // n_c``, zero tail): any entry is exact, so no copy is ever
+  lost.  Used when the copies a compact register would need do not fit.  It costs more server time (TenSEAL scans
+  every one of the ``n_in`` candidate diagonals), not bytes: a ciphertext has the same size whatever it holds.
+
+Token groups are as large as the slots allow (``g = min(T, slots // w)``, then balanced), so every register goes
+in the fewest ciphertexts its payload allows (see :mod:`pi_eval.slots` for the slot-use accounting).
 
 Modes (labels on every operation):  A client-aided (decrypt, exact function, re-encrypt; 1 round trip),
 B masked refresh (level reset; 1 round trip), C polynomial under encryption (levels, no traffic),
@@ -25,6 +34,7 @@ D removed (the architecture has none), and "HE" for linear layers on the server.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,7 +53,8 @@ class Layout:
     cp: int  # pieces per ciphertext chunk
     g: int  # tokens per group
     w: int  # piece width
-    copies: int = 1  # the chunk is stored `copies` times back to back (declared ciphertext size copies * n_c)
+    copies: int = 1  # the chunk is stored `copies` times back to back
+    slots: int = 0  # > 0: cyclic register, declared size = all slots (zero tail after the copies)
 
     @property
     def chunks(self) -> int:
@@ -54,14 +65,35 @@ class Layout:
         return self.cp * self.g * self.w
 
     @property
+    def cyclic(self) -> bool:
+        return self.slots > 0
+
+    @property
     def size(self) -> int:
-        return self.copies * self.n_c
+        """Declared vector size of each ciphertext (the ``mm`` input/output length)."""
+        return self.slots if self.cyclic else self.copies * self.n_c
 
     def chunk_pieces(self, c: int) -> range:
         return range(c * self.cp, min(self.pieces, (c + 1) * self.cp))
 
+    def replicate(self, chunk: np.ndarray) -> np.ndarray:
+        """One chunk's values [<= n_c] -> the declared vector [size]: ``copies`` copies, zeros elsewhere."""
+        out = np.zeros(self.size)
+        one = np.zeros(self.n_c)
+        one[: len(chunk)] = chunk
+        out[: self.copies * self.n_c] = np.tile(one, self.copies)
+        return out
+
     def to_dict(self):
-        return {"dim": self.dim, "pieces": self.pieces, "cp": self.cp, "g": self.g, "w": self.w, "copies": self.copies}
+        return {
+            "dim": self.dim,
+            "pieces": self.pieces,
+            "cp": self.cp,
+            "g": self.g,
+            "w": self.w,
+            "copies": self.copies,
+            "cyclic": self.cyclic,
+        }
 
 
 @dataclass
@@ -94,7 +126,7 @@ class Schedule:
     g: int
     groups: int
     w: int
-    server_weights: dict  # name -> (list of plain matrices per (in_chunk, out_chunk), bias vectors per out chunk)
+    server_weights: dict  # name -> LinearWeights
     client_info: dict  # per client step: extra public parameters (eps, n_head, attention scale, stream scale)
     modes: dict
 
@@ -108,27 +140,48 @@ def fit_poly(act: str, degree: int, interval: float) -> list[float]:
     return [float(c) for c in coef]
 
 
+def poly_act_override(sched: Schedule):
+    """``act_override`` for :meth:`ModelPlan.forward` that applies the schedule's mode-C polynomials (None if none).
+
+    The plaintext reference of a run with polynomial activations is the model with those polynomials.
+    """
+    from .plan import act_fn
+
+    polys = {st.fn["name"]: st.fn["coeffs"] for st in sched.steps if st.mode == "C"}
+    if not polys:
+        return None
+    return lambda name, z: np.polynomial.polynomial.polyval(z, polys[name]) if name in polys else act_fn(name, z)
+
+
 def poly_depth(degree: int) -> int:
     """TenSEAL polyval depth: floor(log2 d) + 1 (the coefficient multiplication costs a level)."""
     return math.floor(math.log2(degree)) + 1 if degree >= 1 else 0
 
 
 def req_copies(cp_in: int, cp_out: int, r_out: int, g: int, w: int) -> int:
-    """Input copies needed so that r_out output copies of cp_out pieces are computed without wrap-around."""
+    """Compact input copies needed so that r_out output copies of cp_out pieces are computed without wrap-around."""
     n_cin, n_cout = cp_in * g * w, cp_out * g * w
     m_max = max(-(-(q * n_cout + b * g * w + w - 1) // n_cin) for q in range(r_out) for b in range(cp_out))
     return m_max + 1
 
 
-def valid_out_copies(cp_in: int, cp_out: int, r_decl: int, valid_in: int, g: int, w: int) -> int:
+def valid_out_copies(lin: Layout, cp_out: int, r_decl: int, valid_in: int) -> int:
+    """Output copies an ``mm`` computes correctly from ``valid_in`` valid input copies (all of them if cyclic)."""
+    if lin.cyclic:
+        return r_decl
     q = 0
-    while q < r_decl and req_copies(cp_in, cp_out, q + 1, g, w) <= valid_in:
+    while q < r_decl and req_copies(lin.cp, cp_out, q + 1, lin.g, lin.w) <= valid_in:
         q += 1
     return q
 
 
-def block_matrix(W: np.ndarray, lin: Layout, lout: Layout, cin: int, cout: int, q_valid: int) -> np.ndarray:
-    """Block-diagonal-over-tokens matrix for input chunk cin -> output chunk cout (first q_valid output copies)."""
+def block_matrix(
+    W: np.ndarray, lin: Layout, lout: Layout, cin: int, cout: int, q_valid: int, valid_in: int
+) -> np.ndarray:
+    """Block-diagonal-over-tokens matrix [lin.size, lout.size] for input chunk cin -> output chunk cout.
+
+    Fills the first ``q_valid`` output copies, reading only the first ``valid_in`` input copies.
+    """
     w, g = lin.w, lin.g
     pin, pout = lin.chunk_pieces(cin), lout.chunk_pieces(cout)
     n_cin, n_cout = lin.n_c, lout.n_c
@@ -137,14 +190,18 @@ def block_matrix(W: np.ndarray, lin: Layout, lout: Layout, cin: int, cout: int, 
     M = np.zeros((lin.size, lout.size))
     for q in range(q_valid):
         for bb, ko in enumerate(pout):
+            c0 = q * n_cout + bb * g * w
             for aa, ki in enumerate(pin):
                 blk = Wp[ki * w : (ki + 1) * w, ko * w : (ko + 1) * w]
                 if not blk.any():
                     continue
-                m = max(0, -(-(q * n_cout + bb * g * w + w - 1 - aa * g * w) // n_cin))
-                if m >= lin.copies:
-                    raise AssertionError("not enough input copies (planner bug)")
-                r0, c0 = m * n_cin + aa * g * w, q * n_cout + bb * g * w
+                if lin.cyclic:  # any copy is exact; the nearest one at or after the block keeps diagonals shared
+                    m = min(range(valid_in), key=lambda m: (m * n_cin + aa * g * w - c0) % lin.size)
+                else:
+                    m = max(0, -(-(c0 + w - 1 - aa * g * w) // n_cin))
+                    if m >= valid_in:
+                        raise AssertionError("not enough valid input copies (planner bug)")
+                r0 = m * n_cin + aa * g * w
                 for t in range(g):
                     M[r0 + t * w : r0 + (t + 1) * w, c0 + t * w : c0 + (t + 1) * w] = blk
     return M
@@ -158,8 +215,31 @@ def tile_bias(b: np.ndarray | None, lout: Layout, cout: int, q_valid: int) -> np
         bp[: len(b)] = b
     chunk = np.concatenate([np.tile(bp[k * w : (k + 1) * w], g) for k in pout])
     out = np.zeros(lout.size)
-    out[: q_valid * lout.n_c] = np.tile(chunk, q_valid)
+    out[: q_valid * lout.n_c] = np.tile(np.pad(chunk, (0, lout.n_c - len(chunk))), q_valid)
     return out
+
+
+@dataclass
+class LinearWeights:
+    """What the server needs for one linear layer; the dense ``mm`` matrices are built by the server at setup."""
+
+    W: np.ndarray
+    b: np.ndarray | None
+    lin: Layout
+    lout: Layout
+    q_valid: int  # output copies computed
+    valid_in: int  # input copies that may be read
+
+    def matrices(self) -> Iterator[tuple[tuple[int, int], np.ndarray]]:
+        """((input chunk, output chunk), dense matrix) for every non-zero pair, one at a time (they can be large)."""
+        for ci in range(self.lin.chunks):
+            for co in range(self.lout.chunks):
+                M = block_matrix(self.W, self.lin, self.lout, ci, co, self.q_valid, self.valid_in)
+                if M.any():
+                    yield (ci, co), M
+
+    def biases(self) -> list[np.ndarray]:
+        return [tile_bias(self.b, self.lout, co, self.q_valid) for co in range(self.lout.chunks)]
 
 
 def nonzero_diagonals(M: np.ndarray) -> int:
@@ -181,21 +261,18 @@ def _x_copies(plan: ModelPlan) -> int:
 
 
 def choose_group(plan: ModelPlan, seq_len: int, slots: int) -> int:
+    """Tokens per group: as many as one ciphertext holds (``slots // d_model``), balanced over the groups.
+
+    Copies never limit the group: a register whose copies do not fit is declared cyclic instead.
+    """
     w = plan.d_model
-    rx = _x_copies(plan)
-    for g in range(min(seq_len, slots // w), 0, -1):
-        sizes = [rx * g * w, req_copies(1, 1, rx, g, w) * g * w, 5 * g * w]
-        for b in plan.blocks:
-            if b.ffn == "mlp":
-                p4 = math.ceil(b.w_in.shape[1] / w)
-                sizes += [(p4 + 1) * g * w, req_copies(p4, 1, rx, g, w) * p4 * g * w]
-        if max(sizes) <= slots:
-            groups = math.ceil(seq_len / g)
-            return math.ceil(seq_len / groups)
-    raise LevelBudgetError(
-        f"d_model={w} does not fit the packing: a token group needs at least {max(5, rx) * w} slots, only {slots} "
-        f"available; use a parameter set with more slots: {[p.name for p in sets_with_levels(1, 2 * max(5, rx) * w)]}"
-    )
+    if w > slots:
+        raise LevelBudgetError(
+            f"d_model={w} does not fit one ciphertext of {slots} slots; use a parameter set with more slots: "
+            f"{[p.name for p in sets_with_levels(1, w)]}"
+        )
+    groups = math.ceil(seq_len / min(seq_len, slots // w))
+    return math.ceil(seq_len / groups)
 
 
 def kind_of(act: str) -> str | None:
@@ -229,11 +306,22 @@ def compile_schedule(
     g = choose_group(plan, seq_len, slots)
     groups = math.ceil(seq_len / g)
     rx = _x_copies(plan)
+    cap = max(1, slots // (w * g))  # pieces one ciphertext holds
+
+    def pc(dim: int) -> int:
+        """Pieces per chunk of a register of ``dim`` features: as many as fit (fewest ciphertexts)."""
+        return min(math.ceil(dim / w), cap)
 
     def layout(dim: int, cp: int | None = None, copies: int = 1) -> Layout:
-        pieces = math.ceil(dim / w)
-        cp = max(1, min(pieces, cp if cp else slots // (w * g * copies)))
-        return Layout(dim, pieces, cp, g, w, copies)
+        cp = max(1, min(pc(dim), cp or cap))
+        n_c = cp * g * w
+        if copies * n_c >= slots:  # the copies a compact register needs do not fit: declare it cyclic
+            return Layout(dim, math.ceil(dim / w), cp, g, w, slots // n_c, slots)
+        return Layout(dim, math.ceil(dim / w), cp, g, w, copies)
+
+    def copies_for(src_cp: int, dst_cp: int, r_out: int = 1) -> int:
+        """Copies a compact register read by an ``mm`` needs for ``r_out`` output copies of ``dst_cp`` pieces."""
+        return req_copies(src_cp, dst_cp, r_out, g, w)
 
     steps: list[Step] = []
     weights: dict = {}
@@ -276,24 +364,14 @@ def compile_schedule(
         )
         fresh(reg, layouts[reg])
 
-    def linear(name, layer, src, dst, W, b, residual=None, out_cp=None, out_copies=1):
+    def linear(name, layer, src, dst, W, b, residual=None, out_cp=None, out_layout=None):
         lin0 = layouts[src]
-        if residual is not None:
-            lout = layouts[residual]
-        else:
-            lout = layout(W.shape[1], out_cp or max(1, slots // (w * g) - 1), out_copies)
-        need_copies = req_copies(lin0.cp, lout.cp, 1, g, w)
+        lout = layouts[residual] if residual is not None else (out_layout or layout(W.shape[1], out_cp))
+        need_copies = 1 if lin0.cyclic else copies_for(lin0.cp, lout.cp)
         ensure(src, 1, layer, name, need_copies)
         lin = layouts[src]
-        q_valid = valid_out_copies(lin.cp, lout.cp, lout.copies, valid[src], g, w)
-        mats = {}
-        for ci in range(lin.chunks):
-            for co in range(lout.chunks):
-                M = block_matrix(W, lin, lout, ci, co, q_valid)
-                if M.any():
-                    mats[(ci, co)] = M
-        biases = [tile_bias(b, lout, co, q_valid) for co in range(lout.chunks)]
-        weights[name] = (mats, biases)
+        q_valid = valid_out_copies(lin, lout.cp, lout.copies, valid[src])
+        weights[name] = LinearWeights(np.asarray(W, np.float64), b, lin, lout, q_valid, valid[src])
         lvl = levels[src] - 1
         cons = consumed[src] + 1
         if residual is not None:
@@ -338,9 +416,6 @@ def compile_schedule(
         client[name] = fn
         fresh(dst, lay)
 
-    def p_out(W):
-        return math.ceil(W.shape[1] / w)
-
     fresh("x", layout(w, 1, rx))
     steps.append(Step("input", -1, "input", "HE", "input", dst="x", level_out=L, dst_layout=layouts["x"]))
     s = 1.0  # the server's residual ciphertext holds x / s (scalars folded into plaintext weights)
@@ -357,21 +432,30 @@ def compile_schedule(
                 {"name": "layernorm", "eps": blk.ln1.eps, "scale": s},
                 d,
                 1,
-                req_copies(1, 3, 1, g, w),
+                copies_for(1, pc(3 * d)),
             )
             Wq = blk.ln1.gamma[:, None] * blk.w_qkv
             bq = blk.ln1.beta @ blk.w_qkv + blk.b_qkv
-            linear(f"L{i}.qkv", i, "h", "qkv", Wq, bq, out_cp=3)
+            linear(f"L{i}.qkv", i, "h", "qkv", Wq, bq)
         else:
-            linear(f"L{i}.qkv", i, "x", "qkv", s * blk.w_qkv, blk.b_qkv, out_cp=3)
+            linear(f"L{i}.qkv", i, "x", "qkv", s * blk.w_qkv, blk.b_qkv)
         fn = {"name": "attention", "n_head": blk.n_head}
         if blk.attn_scale is not None:
             fn["attn_scale"] = np.asarray(blk.attn_scale, dtype=np.float64).tolist()
-        client_step(f"L{i}.attn", i, "attention", "qkv", "a", fn, d, 1, req_copies(1, 1, rx, g, w))
+        client_step(f"L{i}.attn", i, "attention", "qkv", "a", fn, d, 1, copies_for(1, 1, layouts["x"].copies))
         linear(f"L{i}.o_proj", i, "a", "x", blk.w_o / s, blk.b_o / s, residual="x")
         # ---- FFN: x_out = beta*x + FFN(h)/alpha ; new stream scale s' = beta*s
         s_new = blk.beta * s
         k_out = 1.0 / (blk.alpha * s_new)
+        if blk.ffn == "mlp":
+            # z feeds fc_out on the server unless the client applies the activation (mode A)
+            z_direct = blk.act == "identity" or modes[kind_of(blk.act)] != "A"
+            d_ff = blk.w_in.shape[1]
+            z_lay = layout(d_ff, None, copies_for(pc(d_ff), 1, layouts["x"].copies) if z_direct else 1)
+            fc_in_copies = z_lay.copies if (z_direct and not z_lay.cyclic) else 1
+            h_copies = copies_for(1, z_lay.cp, fc_in_copies)
+        else:
+            h_copies = copies_for(1, 1, layouts["x"].copies)
         if blk.ln2 is not None:
             client_step(
                 f"L{i}.ln2",
@@ -382,7 +466,7 @@ def compile_schedule(
                 {"name": "layernorm", "eps": blk.ln2.eps, "scale": s},
                 d,
                 1,
-                req_copies(1, p_out(blk.w_in) if blk.ffn == "mlp" else 1, 1 if blk.ffn == "mlp" else rx, g, w),
+                h_copies,
             )
             src, W_in, b_in_ln = "h", blk.ln2.gamma[:, None] * blk.w_in if blk.ffn != "none" else None, blk.ln2.beta
         else:
@@ -393,17 +477,12 @@ def compile_schedule(
             b_f = (b_in_ln @ blk.w_in if b_in_ln is not None else 0) + blk.b_in
             if src == "x":  # x~' = x~ + (s x~ W + b)/(alpha beta s): residual folded into the matrix
                 Wf = np.eye(d) + W_in * k_out
-                linear(f"L{i}.ffn", i, "x", "x", Wf, b_f * k_out, out_cp=1, out_copies=rx)
+                linear(f"L{i}.ffn", i, "x", "x", Wf, b_f * k_out, out_layout=layouts["x"])
             else:
                 linear(f"L{i}.ffn", i, src, "x", W_in * k_out, b_f * k_out, residual="x")
         else:
             b1 = (b_in_ln @ blk.w_in if b_in_ln is not None else 0) + blk.b_in
-            z_copies = (
-                1
-                if (blk.act != "identity" and modes[kind_of(blk.act)] == "A")
-                else req_copies(p_out(blk.w_in), 1, rx, g, w)
-            )
-            linear(f"L{i}.fc_in", i, src, "z", W_in, b1, out_cp=p_out(blk.w_in), out_copies=z_copies)
+            linear(f"L{i}.fc_in", i, src, "z", W_in, b1, out_layout=z_lay)
             kind = kind_of(blk.act)
             if kind is None:  # identity activation, unfused: mode D
                 steps.append(
@@ -429,7 +508,7 @@ def compile_schedule(
                     {"name": blk.act},
                     blk.w_in.shape[1],
                     layouts["z"].cp,
-                    req_copies(layouts["z"].cp, 1, rx, g, w),
+                    copies_for(layouts["z"].cp, 1, layouts["x"].copies),
                 )
             else:  # C: polynomial under encryption
                 coeffs = fit_poly(blk.act, poly_degree, poly_interval)
@@ -454,7 +533,7 @@ def compile_schedule(
             linear(f"L{i}.fc_out", i, "z", "x", blk.w_out * k_out, blk.b_out * k_out, residual="x")
         s = s_new
     if plan.ln_f is not None:
-        head_cp = max(1, min(p_out(plan.w_head), slots // (2 * w * g) - 1))
+        head_cp = pc(plan.vocab_size)
         client_step(
             "ln_f",
             len(plan.blocks),
@@ -464,21 +543,15 @@ def compile_schedule(
             {"name": "layernorm", "eps": plan.ln_f.eps, "scale": s},
             w,
             1,
-            req_copies(1, head_cp, 1, g, w),
+            copies_for(1, head_cp),
         )
         Wh = plan.ln_f.gamma[:, None] * plan.w_head
         bh = plan.ln_f.beta @ plan.w_head + (plan.b_head if plan.b_head is not None else 0)
         linear("lm_head", len(plan.blocks), "h", "logits", Wh, bh, out_cp=head_cp)
-    else:
-        linear(
-            "lm_head",
-            len(plan.blocks),
-            "x",
-            "logits",
-            s * plan.w_head,
-            plan.b_head,
-            out_cp=max(1, min(p_out(plan.w_head), rx - 1)),
-        )
+    else:  # the head reads the residual stream: as many logit pieces per chunk as x's copies allow
+        lx = layouts["x"]
+        fits = [c for c in range(1, pc(plan.vocab_size) + 1) if lx.cyclic or copies_for(1, c) <= lx.copies]
+        linear("lm_head", len(plan.blocks), "x", "logits", s * plan.w_head, plan.b_head, out_cp=max(fits or [1]))
     steps.append(
         Step(
             "logits",

@@ -53,8 +53,8 @@ class Server:
         # plaintext weights, encoded once (server-side setup, not traffic)
         t0 = time.perf_counter()
         self.weights = {
-            name: ({k: ts.plain_tensor(M) for k, M in mats.items()}, [b.tolist() for b in biases])
-            for name, (mats, biases) in schedule.server_weights.items()
+            name: ({k: ts.plain_tensor(M) for k, M in lw.matrices()}, [b.tolist() for b in lw.biases()])
+            for name, lw in schedule.server_weights.items()
         }
         self.setup_stats["weight_encode_s"] = time.perf_counter() - t0
 
@@ -160,7 +160,7 @@ class Server:
                 if st.op == "refresh":
                     lay = st.src_layout  # one mask per chunk, tiled over the copies (the client re-tiles copy 0)
                     masks = [
-                        [np.tile(self.rng.uniform(-self.mask_bound, self.mask_bound, lay.n_c), lay.copies) for _ in grp]
+                        [lay.replicate(self.rng.uniform(-self.mask_bound, self.mask_bound, lay.n_c)) for _ in grp]
                         for grp in src
                     ]
                     self.masks[st.name] = masks

@@ -15,33 +15,50 @@ from pi_eval.extract import build_model, plan_from_model, torch_logits  # noqa: 
 from pi_eval.params import InsecureParametersError, LevelBudgetError, ParamSet, get_param_set  # noqa: E402
 from pi_eval.protocol import run_protocol  # noqa: E402
 from pi_eval.report import build_report, write_report  # noqa: E402
-from pi_eval.schedule import compile_schedule  # noqa: E402
+from pi_eval.schedule import compile_schedule, fit_poly  # noqa: E402
+from pi_eval.slots import TARGET  # noqa: E402
 
 D, H, V, T = 16, 2, 32, 8
 IDS = np.array([3, 1, 4, 1, 5, 9, 2, 6])
+D32, T16 = 32, 16  # the second benchmark shape: d=32, T=16, one layer each
+IDS16 = np.array([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3])
+PRESETS = ["SM+LN+G", "SM+R", "SM+ScFuFFN"]
 
 
-def _model(preset, n_layer=1):
-    m = build_model(preset, n_layer=n_layer, d_model=D, n_head=H, vocab_size=V, n_positions=16, init_std=0.2)
+def _model(preset, n_layer=1, d=D):
+    m = build_model(preset, n_layer=n_layer, d_model=d, n_head=H, vocab_size=V, n_positions=16, init_std=0.2)
     return m, plan_from_model(m)
 
 
-@pytest.fixture(scope="module")
-def runs():
+def _run_all(configs, d, ids):
     out = {}
-    for preset, L in [("SM+LN+G", 1), ("SM+R", 1), ("SM+ScFuFFN", 2)]:
-        m, plan = _model(preset, L)
-        res = run_protocol(plan, IDS, threads=1)
-        ref = torch_logits(m, IDS)
+    for preset, L in configs:
+        m, plan = _model(preset, L, d)
+        res = run_protocol(plan, ids, threads=1)
+        ref = torch_logits(m, ids)
         out[preset] = (m, plan, res, ref, build_report(res, ref))
     return out
 
 
+@pytest.fixture(scope="module")
+def runs():
+    return _run_all([("SM+LN+G", 1), ("SM+R", 1), ("SM+ScFuFFN", 2)], D, IDS)
+
+
+@pytest.fixture(scope="module")
+def runs32():
+    return _run_all([(p, 1) for p in PRESETS], D32, IDS16)
+
+
+SHAPES = {"runs": IDS, "runs32": IDS16}
+
+
 @pytest.mark.tenseal
-@pytest.mark.parametrize("preset", ["SM+LN+G", "SM+R", "SM+ScFuFFN"])
-def test_decrypted_logits_match_plaintext(runs, preset):
-    _, plan, _res, ref, rep = runs[preset]
-    assert np.abs(plan.forward(IDS) - ref).max() < 1e-10  # extraction is exact
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("preset", PRESETS)
+def test_decrypted_logits_match_plaintext(request, shape, preset):
+    _, plan, _res, ref, rep = request.getfixturevalue(shape)[preset]
+    assert np.abs(plan.forward(SHAPES[shape]) - ref).max() < 1e-10  # extraction is exact
     assert rep["max_abs_logit_error"] < 1e-3
     assert rep["top1_agreement"] == 1.0
     assert np.std(ref) > 0.05  # the comparison is not trivially small
@@ -58,9 +75,10 @@ def test_modes_labelled_and_refresh_used_for_fused(runs):
 
 
 @pytest.mark.tenseal
-@pytest.mark.parametrize("preset", ["SM+LN+G", "SM+R", "SM+ScFuFFN"])
-def test_report_bytes_equal_channel_bytes(runs, preset):
-    _, _, res, _, rep = runs[preset]
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("preset", PRESETS)
+def test_report_bytes_equal_channel_bytes(request, shape, preset):
+    _, _, res, _, rep = request.getfixturevalue(shape)[preset]
     ops = rep["operations"]
     assert sum(r["bytes_up"] for r in ops) == rep["bytes_up"] == res.channel.totals()["bytes_up"]
     assert sum(r["bytes_down"] for r in ops) == rep["bytes_down"] == res.channel.totals()["bytes_down"]
@@ -91,16 +109,148 @@ def test_server_refuses_private_context(runs):
 
 
 @pytest.mark.tenseal
-def test_removing_nonlinearities_lowers_cost(runs):
-    base, nolnr, fused = (runs[p][4] for p in ("SM+LN+G", "SM+R", "SM+ScFuFFN"))
+def test_removing_nonlinearities_lowers_cost(runs, runs32):
+    base, nolnr, fused = (runs[p][4] for p in PRESETS)
     assert nolnr["round_trips"] < base["round_trips"]
     assert nolnr["bytes_total"] < base["bytes_total"]
     # per layer: SM+ScFuFFN (2 layers here) costs less per layer than SM+R
-    per_layer = lambda r, L: (r["bytes_total"], r["round_trips"])  # noqa: E731
     assert fused["round_trips"] / 2 < nolnr["round_trips"]
-    assert per_layer(fused, 2)[0] / 2 < per_layer(nolnr, 1)[0]
+    assert fused["bytes_total"] / 2 < nolnr["bytes_total"]
     for rep in (base, nolnr, fused):
         assert rep["latency"]["WAN"]["comm_s"] > rep["latency"]["LAN"]["comm_s"]
+    # d=32, T=16, one layer each: strictly ordered in bytes and in round trips
+    base, nolnr, fused = (runs32[p][4] for p in PRESETS)
+    assert base["bytes_total"] > nolnr["bytes_total"] > fused["bytes_total"]
+    assert base["round_trips"] > nolnr["round_trips"] > fused["round_trips"]
+    assert base["latency"]["WAN"]["comm_s"] > nolnr["latency"]["WAN"]["comm_s"] > fused["latency"]["WAN"]["comm_s"]
+
+
+def _message_payloads(row, step, plan, seq_len):
+    """Values each message of an operation carries, from the model's dimensions alone (None: no messages)."""
+    d, d_ff = plan.d_model, 4 * plan.d_model
+    reg = {"x": d, "h": d, "a": d, "qkv": 3 * d, "z": d_ff}
+    return {
+        "input": [seq_len * d],
+        "layernorm": [seq_len * d] * 2,
+        "attention": [seq_len * 3 * d, seq_len * d],
+        "gelu": [seq_len * d_ff] * 2,
+        "relu": [seq_len * d_ff] * 2,
+        "refresh": [seq_len * reg.get(step.src, 0)] * 2,
+        "output": [seq_len * plan.vocab_size],
+    }.get(row["kind"] if row["mode"] != "C" else "poly")
+
+
+@pytest.mark.tenseal
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("preset", PRESETS)
+def test_slot_use_at_bound_and_bound_explained(request, shape, preset):
+    """Slot use >= 75% or equal to the best any packing can do, and that best is < 75% only for small payloads."""
+    _, plan, res, _, rep = request.getfixturevalue(shape)[preset]
+    seq_len, slots = len(SHAPES[shape]), rep["params"]["slots"]
+    steps = {st.name: st for st in res.schedule.steps}
+    tot_p = tot_cts = tot_min = 0
+    for r in rep["operations"]:
+        payloads = _message_payloads(r, steps[r["name"]], plan, seq_len)
+        if payloads is None:
+            if r["kind"] == "linear":  # mm inputs: one register, in the fewest ciphertexts its payload allows
+                assert r["slot_use"] == pytest.approx(r["slot_use_bound"])
+            continue
+        cts = r["cts_up"] + r["cts_down"]  # counted by the channel, not by the schedule
+        min_cts = sum(-(-p // slots) for p in payloads)
+        assert r["slot_use"] == pytest.approx(sum(payloads) / (cts * slots)), r["name"]
+        assert r["slot_use_bound"] == pytest.approx(sum(payloads) / (min_cts * slots)), r["name"]
+        assert r["slot_use"] >= TARGET or r["slot_use"] == pytest.approx(r["slot_use_bound"]), r["name"]
+        if r["slot_use_bound"] < TARGET:  # the reason: no message of this operation holds 75% of a ciphertext
+            assert all(p < TARGET * slots for p in payloads), r["name"]
+        tot_p, tot_cts, tot_min = tot_p + sum(payloads), tot_cts + cts, tot_min + min_cts
+    assert tot_cts == rep["ciphertexts_up"] + rep["ciphertexts_down"]
+    assert rep["ciphertexts_sent_min"] == tot_min
+    assert rep["slot_use"] == pytest.approx(tot_p / (tot_cts * slots))
+    assert rep["slot_use_bound"] == pytest.approx(tot_p / (tot_min * slots))
+    assert rep["slot_use"] == pytest.approx(rep["slot_use_bound"])  # no ciphertext more than necessary
+    assert rep["slot_use_bound"] < TARGET and "shape-limited" in rep["slot_use_limit"]
+    assert "schedule uses" not in rep["slot_use_limit"]
+
+
+@pytest.mark.tenseal
+@pytest.mark.slow
+def test_slot_use_reaches_target_where_the_shape_allows():
+    """d=32, T=128 fills whole ciphertexts: >= 75% of the slots of every sent and every mm-input ciphertext
+    carry payload, under real encryption (about 40 s and 3.5 GB: whole-slot-vector plaintext matrices)."""
+    seq_len = 128
+    m = build_model("SM+R", n_layer=1, d_model=D32, n_head=H, vocab_size=V, n_positions=seq_len, init_std=0.2)
+    plan = plan_from_model(m)
+    ids = np.random.default_rng(0).integers(0, V, size=seq_len)
+    res = run_protocol(plan, ids, threads=1)
+    rep = build_report(res, torch_logits(m, ids))
+    assert rep["max_abs_logit_error"] < 1e-3 and rep["top1_agreement"] == 1.0
+    assert rep["slot_use"] >= TARGET and rep["slot_use_mm"] >= TARGET, (rep["slot_use"], rep["slot_use_mm"])
+    assert rep["slot_use_limit"] is None
+    assert all(r["slot_use"] >= TARGET for r in rep["operations"] if r["slot_use"] is not None)
+
+
+@pytest.mark.tenseal
+def test_polynomial_mode_c_end_to_end():
+    """relu=C, degree 2: decrypted logits equal the plaintext model with the same polynomial."""
+    _, plan = _model("SM+LN+R", 1)
+    res = run_protocol(plan, IDS, modes={"relu": "C"}, poly_degree=2, threads=1)
+    coeffs = fit_poly("relu", 2, 4.0)
+    ref = plan.forward(IDS, act_override=lambda name, z: np.polynomial.polynomial.polyval(z, coeffs))
+    rep = build_report(res, ref)
+    assert rep["max_abs_logit_error"] < 1e-3
+    assert np.abs(res.logits - plan.forward(IDS)).max() > 1e-2  # the polynomial, not ReLU, was evaluated
+    ops = {r["name"]: r for r in rep["operations"]}
+    act = ops["L0.act"]
+    assert (act["kind"], act["mode"], act["round_trips"], act["bytes_up"], act["bytes_down"]) == ("relu", "C", 0, 0, 0)
+    assert act["levels_used"] == 2  # degree 2: floor(log2 2) + 1
+    assert rep["modes"]["relu"] == "C"
+    # the default set has 2 levels: fc_in (1) + polynomial (2) + fc_out (1) forces refreshes, labelled B
+    refreshes = [r for r in rep["operations"] if r["kind"] == "refresh"]
+    assert refreshes and all(r["mode"] == "B" and r["round_trips"] == 1 for r in refreshes)
+    assert all(r["kind"] == "refresh" for r in rep["operations"] if r["mode"] == "B")
+    assert rep["round_trips"] == sum(r["mode"] in ("A", "B") for r in rep["operations"]) + 1
+
+
+@pytest.mark.tenseal
+def test_bench_checkpoint_via_cli(tmp_path):
+    import torch
+
+    from pi_eval.cli import main
+
+    m = build_model("SM(t)+ScFuFFN", n_layer=1, d_model=D, n_head=H, vocab_size=V, n_positions=16, init_std=0.2)
+    with torch.no_grad():  # move temperatures and FFN scales off their init so the checkpoint must carry them
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ckpt = tmp_path / "ckpt"
+    m.save_pretrained(ckpt)
+    out = tmp_path / "run"
+    assert main(["bench", "--checkpoint", str(ckpt), "--seq-len", "8", "--out", str(out), "--save-logits"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    for k in ("bytes_total", "round_trips", "setup_bytes", "slot_use", "slot_use_bound", "harness_overhead"):
+        assert k in rep, k
+    assert rep["meta"]["checkpoint"] == str(ckpt) and rep["meta"]["d_model"] == D
+    saved = np.load(out / "logits.npz")
+    ref = torch_logits(m, saved["ids"])  # the model that was saved, not the one the CLI loaded
+    assert np.abs(saved["reference"] - ref).max() < 1e-10
+    assert np.abs(saved["decrypted"] - ref).max() < 1e-3
+    assert rep["max_abs_logit_error"] < 1e-3
+
+
+def test_bench_bad_checkpoint_fails_before_encryption(tmp_path, monkeypatch, capsys):
+    import pi_eval.protocol as proto
+    from pi_eval.cli import main
+
+    def boom(*a, **k):
+        raise AssertionError("a key or ciphertext was created")
+
+    monkeypatch.setattr(proto, "Client", boom)
+    missing = tmp_path / "nope"
+    assert main(["bench", "--checkpoint", str(missing), "--out", str(tmp_path / "o")]) == 2
+    assert f"--checkpoint {str(missing)!r} is not a save_pretrained directory" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["bench", "--checkpoint", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
+    assert "no config.json" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.tenseal
@@ -109,15 +259,18 @@ def test_tcp_transport_same_counts_and_public_context_only(runs):
     res = run_protocol(plan, IDS, transport="tcp", threads=1)
     rep = build_report(res, ref)
     # same protocol: same messages, ciphertexts and round trips per operation.  Byte totals of two runs differ by a
-    # few bytes only because SEAL compresses serialized ciphertexts and every encryption is freshly random.
+    # few bytes only because SEAL zstd-compresses serialized ciphertexts (TenSEAL has no switch for it, see
+    # pi_eval/README.md) and every encryption is freshly random; two in-process runs differ just as much.
     for k in ("round_trips", "ciphertexts_up", "ciphertexts_down"):
         assert rep[k] == rep_in[k], k
     assert [(r["name"], r["cts_up"], r["cts_down"], r["round_trips"]) for r in rep["operations"]] == [
         (r["name"], r["cts_up"], r["cts_down"], r["round_trips"]) for r in rep_in["operations"]
     ]
-    # Typically ~0.002% apart; the bound leaves room for SEAL's compression of fresh random ciphertexts and keys.
+    # Measured up to 0.04% apart (also between two in-process runs); 0.2% leaves room for that randomness.
     for k in ("bytes_up", "bytes_down", "setup_bytes"):
-        assert abs(rep[k] - rep_in[k]) <= 1e-2 * rep_in[k], (k, rep[k], rep_in[k])
+        assert abs(rep[k] - rep_in[k]) <= 2e-3 * rep_in[k], (k, rep[k], rep_in[k])
+    for k in ("slot_use", "slot_use_bound", "ciphertexts_sent_min"):
+        assert rep[k] == rep_in[k], k
     # within each run, the bytes the server process saw equal the bytes the client's channel counted
     # (the stats snapshot is taken while the stats reply is being built, so that reply is not in bytes_out)
     for r in (res, res_in):

@@ -301,7 +301,7 @@ from triton.compiler import ASTSource
 import entropic_kernels.attention as A
 
 target = GPUTarget("cuda", 90, 32)
-ints = {"H", "T_Q", "T_K", "CAUSAL_OFFSET"}
+ints = {"H", "T_Q", "T_K", "CAUSAL_OFFSET", "Q_BUCKET", "K_BUCKET"}
 fp32_ptrs = {"TEMP", "LSE", "ENT", "DELTA", "DENT", "DT"}
 
 
@@ -348,3 +348,16 @@ def test_kernels_compile_for_sm90_without_a_gpu():
         [sys.executable, "-c", _SM90_COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_autotune_key_names_kernel_arguments_and_buckets_lengths():
+    """Triton's autotuner silently drops key names that are not kernel arguments, so check every one is.
+
+    Lengths are keyed by power-of-two bucket: 1,000 and 1,024 share one tuning run, 1,025 starts the next.
+    """
+    from entropic_kernels import attention
+
+    for kernel in (attention._entropic_attn_fwd, attention._entropic_attn_bwd_dkdv, attention._entropic_attn_bwd_dq):
+        missing = set(attention._AUTOTUNE_KEY) - set(kernel.arg_names)
+        assert not missing, (kernel.fn.__name__, missing)
+    assert [attention.length_bucket(t) for t in (1, 16, 17, 1000, 1024, 1025)] == [16, 16, 32, 1024, 1024, 2048]

@@ -97,6 +97,8 @@ def _entropic_attn_fwd(
     T_K,
     HEAD_DIM: tl.constexpr,
     CAUSAL_OFFSET,
+    Q_BUCKET,  # autotuning key only (unused by the kernel body)
+    K_BUCKET,
     CAUSAL: tl.constexpr,
     HAS_TEMP: tl.constexpr,
     HAS_KPM: tl.constexpr,
@@ -252,6 +254,8 @@ def _entropic_attn_bwd_dkdv(
     T_K,
     HEAD_DIM: tl.constexpr,
     CAUSAL_OFFSET,
+    Q_BUCKET,  # autotuning key only (unused by the kernel body)
+    K_BUCKET,
     CAUSAL: tl.constexpr,
     HAS_TEMP: tl.constexpr,
     HAS_KPM: tl.constexpr,
@@ -361,6 +365,8 @@ def _entropic_attn_bwd_dq(
     T_K,
     HEAD_DIM: tl.constexpr,
     CAUSAL_OFFSET,
+    Q_BUCKET,  # autotuning key only (unused by the kernel body)
+    K_BUCKET,
     CAUSAL: tl.constexpr,
     HAS_TEMP: tl.constexpr,
     HAS_KPM: tl.constexpr,
@@ -474,7 +480,15 @@ def _bwd_cuda_configs() -> list[triton.Config]:
     return configs
 
 
-_AUTOTUNE_KEY = ["T_Q", "T_K", "HEAD_DIM", "CAUSAL", "HAS_TEMP", "HAS_KPM", "IEEE_DOT"]
+# Lengths enter the key as power-of-two buckets: keyed on exact T_Q/T_K, every new length (each step of
+# KV-cached generation, every ragged batch) would re-run the whole autotuning sweep.
+_AUTOTUNE_KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_TEMP", "HAS_KPM", "IEEE_DOT"]
+
+
+def length_bucket(length: int) -> int:
+    """The autotuning bucket of a sequence length: the next power of two, at least 16."""
+    return max(16, triton.next_power_of_2(int(length)))
+
 
 if _INTERPRET_AT_IMPORT:
     # No autotuning under the interpreter: block sizes are passed explicitly at launch.
@@ -542,6 +556,8 @@ def _forward(q, k, v, t_rows, kpm, causal, scale):
         t_k,
         dim,
         t_k - t_q,
+        length_bucket(t_q),
+        length_bucket(t_k),
     )
     flags = dict(
         CAUSAL=causal,
@@ -579,7 +595,7 @@ def _backward(q, k, v, o, lse, ent, do, dent, t_rows, kpm, causal, scale):
     dt_rows = torch.empty(batch, heads, t_q, device=q.device, dtype=torch.float32) if has_temp else lse
     temp_arg = t_rows if has_temp else lse
     kpm_arg = kpm if kpm is not None else lse
-    common = (scale, heads, t_q, t_k, dim, t_k - t_q)
+    common = (scale, heads, t_q, t_k, dim, t_k - t_q, length_bucket(t_q), length_bucket(t_k))
     flags = dict(
         CAUSAL=causal, HAS_TEMP=has_temp, HAS_KPM=kpm is not None, IEEE_DOT=q.dtype == torch.float32, BLOCK_D=block_d
     )
