@@ -33,6 +33,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from hardware import cpu_model  # benchmarks/, the script's own directory
 
 MODES = ("plain", "callbacks", "eager", "reference")
 
@@ -172,7 +173,7 @@ def main() -> None:
         "date": now.isoformat(timespec="seconds"),
         "hardware": {
             "machine": platform.machine(),
-            "processor": platform.processor() or _cpu_model(),
+            "processor": cpu_model(),
             "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "load_avg_1m_at_end": os.getloadavg()[0],
@@ -203,16 +204,6 @@ def main() -> None:
                  args.batch, f"{result['hardware']['load_avg_1m_at_end']:.2f}"]
             )  # fmt: skip
     print(json.dumps({"median_step_ms": med, "ratios": ratios, "ratios_cpu": result["ratios_cpu"]}, indent=2))
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import platform
 import statistics
 import sys
 import time
@@ -35,6 +34,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from hardware import cpu_model
 
 from entropic.io import atomic_write_json
 from entropic.models import EntropicConfig
@@ -66,16 +67,6 @@ class MatmulOnly(nn.Module):
         for weight in self.weights:
             x = torch.matmul(x, weight.t())
         return x
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def _time(fn, x: torch.Tensor, *, backward: bool, repeats: int, device: torch.device) -> float:
@@ -146,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                 else ""
             )
             print(f"{preset:12s} {row['mode']:8s} epilogue share {row['epilogue_share']:.1%}{extra}")
-    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
     date = dt.date.today().isoformat()
     result = {
         "date": date,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import platform
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from hardware import cpu_model
 
 from entropic.io import atomic_write_json
 from pi_eval.extract import build_model, plan_from_model, torch_logits
@@ -42,16 +43,6 @@ FIELDS = (
     "max_abs_logit_error",
     "online_wall_s",
 )
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     date = dt.date.today().isoformat()
     path = Path(args.out) / f"pi_eval_packing_{date}-cpu.json"
-    atomic_write_json(path, {"date": date, "hardware": _cpu_name(), "threads": 1, "rows": rows})
+    atomic_write_json(path, {"date": date, "hardware": cpu_model(), "threads": 1, "rows": rows})
     print(f"wrote {path}")
     return 0
 
