@@ -66,6 +66,7 @@ class Scale:
     precision: str
     vocab_size: int
     loss_coeff: float
+    loss_note: str
     detect_from_step: int
 
 
@@ -85,7 +86,8 @@ SCALES = {
         log_every=10,
         precision="32-true",
         vocab_size=8192,
-        loss_coeff=0.05,
+        loss_coeff=0.01,
+        loss_note="Best of 0.01/0.05/0.5 at this scale (docs/reproduction.md); none beat training without it.",
         detect_from_step=100,
     ),
     "gpt2-small": Scale(
@@ -104,6 +106,7 @@ SCALES = {
         precision="bf16-mixed",
         vocab_size=8192,
         loss_coeff=0.05,
+        loss_note="Untuned at this scale: no GPU run yet.",
         detect_from_step=500,
     ),
 }
@@ -119,6 +122,7 @@ def render(scale: Scale, stem: str, preset: str, entropy_reg: bool, description:
       init_args:
         # lambda. With reduction "paper" the penalty is a mean over (layer, head). The authors' 1e-5 multiplied
         # a sum over batch rows and queries (B*T = 65,536 per step for them), i.e. about 0.66 in these units.
+        # {scale.loss_note}
         loss_coeff: {scale.loss_coeff}
         tolerance: 0.2             # gamma: no penalty while |E - theta*E_max| <= gamma*E_max (paper: 0.2)
         reduction: paper           # "paper" (Algorithm 1) or "per_query" (the authors' released code)

@@ -33,7 +33,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from entropic.functional import entropy_bin_shares, mean_causal_max_entropy  # noqa: E402
+from entropic.functional import entropy_bin_shares, entropy_collapse, mean_causal_max_entropy  # noqa: E402
 from entropic.io import atomic_write_json, atomic_write_text  # noqa: E402
 from entropic.report import read_run_metrics, summarize_run  # noqa: E402
 
@@ -153,6 +153,7 @@ class ArmResult:
     layer_means: list[float]  # [L] final mean entropy per layer (nats)
     head_means: list[list[float]]  # [L, H] final mean entropy per head (nats)
     entropy_max: float  # the bins' max: (1/T) sum_i log i
+    collapsed_layers: list[int]  # deep layers whose heads mostly sit below 5% of entropy_max (library detector)
     first_nonfinite_step: int | None
 
 
@@ -185,10 +186,29 @@ def _head_means(rows: list[dict[str, str]]) -> np.ndarray:
     raise ValueError("no logged row holds every head's entropy")
 
 
+def _trained_recipe(run_dir: Path, recipe: dict) -> dict:
+    """The recipe the run actually trained with (saved next to it), else ``recipe``."""
+    saved = run_dir / "recipe.yaml"
+    return yaml.safe_load(saved.read_text()) if saved.is_file() else recipe
+
+
+def _label(arm: Arm, recipe: dict) -> str:
+    """The arm's label, plus lambda for entropy-regularized arms and any temperature init override."""
+    extras = []
+    regs = [c for c in recipe["trainer"]["callbacks"] if c["class_path"].endswith("EntropyRegularization")]
+    if regs and arm.loss_coeff is None:
+        extras.append(f"λ={regs[0]['init_args']['loss_coeff']:g}")
+    overrides = recipe["model"].get("model_overrides") or {}
+    if "temperature_init" in overrides:
+        extras.append(f"t₀={overrides['temperature_init']:g}")
+    return f"{arm.label}, {', '.join(extras)}" if extras else arm.label
+
+
 def collect(arm: Arm, run_dir: Path, recipe: dict) -> tuple[ArmResult, dict]:
     """Reads a finished arm into an :class:`ArmResult` and its curves (for the figures)."""
     import torch
 
+    recipe = _trained_recipe(run_dir, recipe)
     summary = summarize_run(run_dir)
     rows = read_run_metrics(run_dir)
     heads = _head_means(rows)
@@ -203,7 +223,7 @@ def collect(arm: Arm, run_dir: Path, recipe: dict) -> tuple[ArmResult, dict]:
     )
     result = ArmResult(
         key=arm.key,
-        label=arm.label,
+        label=_label(arm, recipe),
         arch=summary.arch,
         steps=summary.steps,
         tokens=None if summary.steps is None else summary.steps * tokens_per_step,
@@ -215,6 +235,7 @@ def collect(arm: Arm, run_dir: Path, recipe: dict) -> tuple[ArmResult, dict]:
         layer_means=[float(v) for v in np.nanmean(heads, axis=1)],
         head_means=heads.tolist(),
         entropy_max=float(top),
+        collapsed_layers=list(entropy_collapse(torch.as_tensor(heads), context_size=context).collapsed_layers),
         first_nonfinite_step=nonfinite[0] if nonfinite else None,
     )
     n_layer = heads.shape[0]
@@ -235,7 +256,17 @@ def _fmt(value: float | None, spec: str) -> str:
 def results_table(results: list[ArmResult]) -> str:
     """Markdown table: perplexity, divergence, entropy bins and per-layer entropy of every arm."""
     bins = ("[0,max/4)", "[max/4,max/2)", "[max/2,3max/4)", "[3max/4,max]")
-    header = ["arm", "val loss", "val ppl", "Δ ppl vs baseline", "diverged", *bins, "layer means (nats)", "tokens/s"]
+    header = [
+        "arm",
+        "val loss",
+        "val ppl",
+        "Δ ppl vs baseline",
+        "diverged (NaN)",
+        "collapsed layers",
+        *bins,
+        "layer means (nats)",
+        "tokens/s",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     base = next((r.val_ppl for r in results if r.key == "sm_ln_g"), None)
     for r in results:
@@ -251,6 +282,7 @@ def results_table(results: list[ArmResult]) -> str:
             _fmt(r.val_ppl, ".1f"),
             delta,
             diverged,
+            ", ".join(map(str, r.collapsed_layers)) or "-",
             *(f"{100 * s:.0f}%" for s in r.bin_shares),
             " / ".join(_fmt(v, ".2f") for v in r.layer_means),
             _fmt(r.tokens_per_sec, ".0f"),
@@ -311,6 +343,13 @@ def plot_losses(results: list[ArmResult], curves: dict[str, dict], path: Path) -
     return _save(fig, path)
 
 
+def _layer_colors(n_layer: int) -> list:
+    """One color per layer from a sequential colormap (first layer dark, last light), so deep models stay legible."""
+    from matplotlib import colormaps
+
+    return [colormaps["viridis"](x) for x in np.linspace(0.0, 0.9, max(n_layer, 2))]
+
+
 def plot_layer_entropy(results: list[ArmResult], curves: dict[str, dict], path: Path) -> Path:
     """Layerwise mean entropy against the step, one panel per arm (the paper's Fig. 5)."""
     cols = 4
@@ -318,8 +357,10 @@ def plot_layer_entropy(results: list[ArmResult], curves: dict[str, dict], path: 
     fig = _figure(4 * cols, 3 * rows)
     for i, r in enumerate(results):
         ax = fig.add_subplot(rows, cols, i + 1)
-        for layer, (steps, values) in enumerate(curves[r.key]["layers"]):
-            ax.plot(steps, values, label=f"L{layer}")
+        layers = curves[r.key]["layers"]
+        colors = _layer_colors(len(layers))
+        for layer, (steps, values) in enumerate(layers):
+            ax.plot(steps, values, color=colors[layer], label=f"L{layer}")
         ax.axhline(r.entropy_max, color="grey", linestyle=":", linewidth=1)
         ax.set_ylim(0, r.entropy_max * 1.05)
         ax.set_title(r.label, fontsize=9)
@@ -327,7 +368,7 @@ def plot_layer_entropy(results: list[ArmResult], curves: dict[str, dict], path: 
         ax.set_ylabel("mean entropy (nats)", fontsize=8)
         ax.grid(alpha=0.3)
         if i == 0:
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=6, ncol=2 if len(layers) > 6 else 1)
     return _save(fig, path)
 
 

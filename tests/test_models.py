@@ -143,8 +143,16 @@ def test_activations_follow_the_preset():
     assert isinstance(tiny("SM+LN").transformer.h[0].mlp.act, nn.Identity)
 
 
+def test_temperature_preset_starts_at_the_papers_init():
+    model = tiny("SM(t)+ScFuFFN")
+    for block in range(L):
+        torch.testing.assert_close(
+            model.transformer.h[block].attn.temperature.temperature, torch.full((H, T_MAX), 0.01), rtol=1e-6, atol=0
+        )
+
+
 def test_temperature_shapes_and_neutral_init():
-    per_query = tiny("SM(t)+ScFuFFN")
+    per_query = tiny("SM(t)+ScFuFFN", temperature_init=1.0)
     per_head = tiny("SM(t)+ScFuFFN", attn_temperature="head")
     for block in range(L):
         assert per_query.transformer.h[block].attn.temperature.log_temperature.shape == (H, T_MAX)

@@ -33,7 +33,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     "SM+ScFuFFN": dict(_SCALED_FUSED),
     # EReg(SM(t)+ScFuFFN) is this architecture trained with the entropy penalty, which reads the model's own
     # learnable thresholds; hence learnable_thresholds=True here.
-    "SM(t)+ScFuFFN": {**_SCALED_FUSED, "attn_temperature": "head_query", "learnable_thresholds": True},
+    # t starts at the paper's 0.01 (its CodeParrot value): it multiplies the logits by 100, which lifts the
+    # near-zero logits of a LayerNorm-free model at init off uniform attention (docs/reproduction.md: 7% lower
+    # perplexity than t = 1 at CPU scale).
+    "SM(t)+ScFuFFN": {
+        **_SCALED_FUSED,
+        "attn_temperature": "head_query",
+        "temperature_init": 0.01,
+        "learnable_thresholds": True,
+    },
 }
 # The static-normalization ablation on the Softmax-only model: "SM+WNorm(QK+FFN)", "SM+SNorm(FFN)", ...
 for _label, _stabilizer in (("WNorm", "weight_norm"), ("SNorm", "spectral_norm")):
@@ -98,8 +106,10 @@ class EntropicConfig(PretrainedConfig):
             ``"qkvo+ffn"`` (the papers' ablation; q/k/v/o are the attention projections).
         attn_temperature: learnable softmax temperature: ``"none"``, ``"head_query"`` (one per head and query
             position, [H, n_positions], the paper) or ``"head"`` ([H]).
-        temperature_init: initial temperature t (> 0). The default 1.0 starts as standard attention; the paper's
-            literal 0.01 multiplies the logits by 100 and makes attention one-hot at initialization.
+        temperature_init: initial temperature t (> 0). 1.0 starts as standard attention; the ``SM(t)+ScFuFFN``
+            preset uses the paper's 0.01, which multiplies the logits by 100. In a LayerNorm-free model the logits
+            at init are near zero (std-0.02 weights on an unnormalized stream), so attention still starts close to
+            uniform, but with gradients large enough to leave it.
         learnable_thresholds: give the model an [L, H] parameter ``entropy_thresholds`` (fractions of log T) for
             the entropy penalty of EReg training.
         threshold_init: initial threshold fraction θ, in [0, 1].

@@ -16,9 +16,9 @@ class AttentionTemperature(nn.Module):
 
     - t stays positive with no clamp, and the update of log t is relative (d logits / d log t = -logits/t), so
       heads with very different temperatures learn at the same pace;
-    - ``init`` maps exactly to t at start. The default 1.0 makes the layer start as ordinary attention, which is
-      what keeps training stable: the paper's literal t = 0.01 scales the logits by 100 and starts with one-hot
-      (zero-entropy) rows whose softmax gradients vanish;
+    - ``init`` maps exactly to t at start. 1.0 makes the layer start as ordinary attention; the paper's t = 0.01
+      (the ``SM(t)+ScFuFFN`` preset) scales the logits by 100, which in a LayerNorm-free model lifts the near-zero
+      logits at init off the flat, uniform-attention start (with large logits it would instead give one-hot rows);
     - weight decay on log t pulls t toward 1, i.e. toward ordinary attention.
 
     Args:
