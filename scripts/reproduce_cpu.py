@@ -176,7 +176,9 @@ def _series(rows: list[dict[str, str]], key: str) -> tuple[list[int], list[float
 
 def _head_means(rows: list[dict[str, str]]) -> np.ndarray:
     """[L, H] from the last row that logged every head's entropy."""
-    keys = [k for k in (rows[0].keys() if rows else []) if k.startswith("entropy/layer_") and "/head_" in k]
+    keys = [k for k in (rows[-1].keys() if rows else []) if k.startswith("entropy/layer_") and "/head_" in k]
+    if not keys:
+        raise ValueError("no per-head entropy in the metrics: train with AttentionEntropyMonitor(log_heads=True)")
     n_layer = 1 + max(int(k.split("/")[1].split("_")[1]) for k in keys)
     n_head = 1 + max(int(k.split("/")[2].split("_")[1]) for k in keys)
     for row in reversed(rows):
@@ -215,8 +217,7 @@ def collect(arm: Arm, run_dir: Path, recipe: dict) -> tuple[ArmResult, dict]:
     context = int(recipe["data"]["block_size"])
     top = mean_causal_max_entropy(context)
     shares = entropy_bin_shares(torch.as_tensor(heads), max_value=top).shares
-    _, losses = _series(rows, "train/loss")
-    loss_steps, _ = _series(rows, "train/loss")
+    loss_steps, losses = _series(rows, "train/loss")
     nonfinite = [s for s, v in zip(loss_steps, losses, strict=True) if not math.isfinite(v)]
     tokens_per_step = (
         int(recipe["data"]["batch_size"]) * context * int(recipe["trainer"].get("accumulate_grad_batches", 1))
