@@ -33,9 +33,10 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from entropic.callbacks.plotting import new_figure, save_figure  # noqa: E402
 from entropic.functional import entropy_bin_shares, entropy_collapse, mean_causal_max_entropy  # noqa: E402
 from entropic.io import atomic_write_json, atomic_write_text  # noqa: E402
-from entropic.report import read_run_metrics, summarize_run  # noqa: E402
+from entropic.report import _as_float, _fmt, read_run_metrics, summarize_run  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -157,17 +158,10 @@ class ArmResult:
     first_nonfinite_step: int | None
 
 
-def _float(text: str | None) -> float | None:
-    try:
-        return float(text) if text not in (None, "") else None
-    except ValueError:
-        return None
-
-
 def _series(rows: list[dict[str, str]], key: str) -> tuple[list[int], list[float]]:
     steps, values = [], []
     for row in rows:
-        value = _float(row.get(key))
+        value = _as_float(row.get(key))
         if value is not None:
             steps.append(int(float(row["step"])))
             values.append(value)
@@ -182,7 +176,7 @@ def _head_means(rows: list[dict[str, str]]) -> np.ndarray:
     n_layer = 1 + max(int(k.split("/")[1].split("_")[1]) for k in keys)
     n_head = 1 + max(int(k.split("/")[2].split("_")[1]) for k in keys)
     for row in reversed(rows):
-        values = [_float(row.get(f"entropy/layer_{i}/head_{j}")) for i in range(n_layer) for j in range(n_head)]
+        values = [_as_float(row.get(f"entropy/layer_{i}/head_{j}")) for i in range(n_layer) for j in range(n_head)]
         if all(v is not None for v in values):
             return np.asarray(values, dtype=np.float64).reshape(n_layer, n_head)
     raise ValueError("no logged row holds every head's entropy")
@@ -248,12 +242,6 @@ def collect(arm: Arm, run_dir: Path, recipe: dict) -> tuple[ArmResult, dict]:
     return result, curves
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    if value is None:
-        return "-"
-    return "NaN" if not math.isfinite(value) else format(value, spec)
-
-
 def results_table(results: list[ArmResult]) -> str:
     """Markdown table: perplexity, divergence, entropy bins and per-layer entropy of every arm."""
     bins = ("[0,max/4)", "[max/4,max/2)", "[max/2,3max/4)", "[3max/4,max]")
@@ -293,26 +281,9 @@ def results_table(results: list[ArmResult]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- figures
-def _figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", bbox_inches="tight")
-    os.replace(tmp, path)
-    return path
-
-
 def plot_bins(results: list[ArmResult], path: Path) -> Path:
     """Grouped bars: share of heads per entropy bin, one bar per arm (the paper's Fig. 2a)."""
-    fig = _figure(10, 4)
+    fig = new_figure(10, 4)
     ax = fig.add_subplot(1, 1, 1)
     width = 0.8 / len(results)
     for i, r in enumerate(results):
@@ -325,12 +296,12 @@ def plot_bins(results: list[ArmResult], path: Path) -> Path:
     ax.set_title(f"final per-head entropy bins (max = causal maximum, {results[0].entropy_max:.2f} nats)")
     ax.legend(fontsize=7, ncol=2)
     ax.grid(axis="y", alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_losses(results: list[ArmResult], curves: dict[str, dict], path: Path) -> Path:
     """Training and validation loss against the step, one line per arm (the paper's Fig. 2b)."""
-    fig = _figure(11, 4)
+    fig = new_figure(11, 4)
     for col, (key, title) in enumerate((("train_loss", "training loss"), ("val_loss", "validation loss"))):
         ax = fig.add_subplot(1, 2, col + 1)
         for r in results:
@@ -341,7 +312,7 @@ def plot_losses(results: list[ArmResult], curves: dict[str, dict], path: Path) -
         ax.set_title(title)
         ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _layer_colors(n_layer: int) -> list:
@@ -355,7 +326,7 @@ def plot_layer_entropy(results: list[ArmResult], curves: dict[str, dict], path: 
     """Layerwise mean entropy against the step, one panel per arm (the paper's Fig. 5)."""
     cols = 4
     rows = math.ceil(len(results) / cols)
-    fig = _figure(4 * cols, 3 * rows)
+    fig = new_figure(4 * cols, 3 * rows)
     for i, r in enumerate(results):
         ax = fig.add_subplot(rows, cols, i + 1)
         layers = curves[r.key]["layers"]
@@ -370,14 +341,14 @@ def plot_layer_entropy(results: list[ArmResult], curves: dict[str, dict], path: 
         ax.grid(alpha=0.3)
         if i == 0:
             ax.legend(fontsize=6, ncol=2 if len(layers) > 6 else 1)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_heatmaps(results: list[ArmResult], path: Path) -> Path:
     """Final layer × head mean entropy, one heatmap per arm (the paper's Fig. 3)."""
     cols = 5
     rows = math.ceil(len(results) / cols)
-    fig = _figure(3.2 * cols, 2.8 * rows)
+    fig = new_figure(3.2 * cols, 2.8 * rows)
     top = results[0].entropy_max
     for i, r in enumerate(results):
         ax = fig.add_subplot(rows, cols, i + 1)
@@ -392,7 +363,7 @@ def plot_heatmaps(results: list[ArmResult], path: Path) -> Path:
         ax.set_xlabel("head", fontsize=8)
         ax.set_ylabel("layer", fontsize=8)
     fig.colorbar(image, ax=fig.axes, label="entropy (nats)", shrink=0.8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------------- main

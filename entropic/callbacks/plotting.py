@@ -12,7 +12,15 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["BIN_LABELS", "entropy_bin_shares", "plot_bin_histogram", "plot_head_heatmap", "plot_layer_history"]
+__all__ = [
+    "BIN_LABELS",
+    "entropy_bin_shares",
+    "new_figure",
+    "plot_bin_histogram",
+    "plot_head_heatmap",
+    "plot_layer_history",
+    "save_figure",
+]
 
 BIN_LABELS = ("[0, max/4)", "[max/4, max/2)", "[max/2, 3max/4)", "[3max/4, max]")
 
@@ -26,7 +34,8 @@ def entropy_bin_shares(head_means: np.ndarray) -> np.ndarray:
     return np.asarray(shares_of(torch.as_tensor(np.asarray(head_means, dtype=np.float64))).shares)
 
 
-def _figure(width: float, height: float):
+def new_figure(width: float, height: float):
+    """A headless matplotlib Figure (Agg canvas, no pyplot) of ``width`` x ``height`` inches."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -35,7 +44,8 @@ def _figure(width: float, height: float):
     return fig
 
 
-def _save(fig, path: str | os.PathLike[str]) -> Path:
+def save_figure(fig, path: str | os.PathLike[str]) -> Path:
+    """Writes ``fig`` as a PNG at ``path`` atomically (parents created); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -48,7 +58,7 @@ def plot_head_heatmap(head_means: np.ndarray, path: str | os.PathLike[str], *, t
     """Layer × head heatmap of mean entropy (nats), each cell annotated with its value."""
     data = np.asarray(head_means, dtype=np.float64)
     n_layer, n_head = data.shape
-    fig = _figure(max(4.0, 0.55 * n_head + 2.0), max(3.0, 0.4 * n_layer + 1.5))
+    fig = new_figure(max(4.0, 0.55 * n_head + 2.0), max(3.0, 0.4 * n_layer + 1.5))
     ax = fig.add_subplot(1, 1, 1)
     image = ax.imshow(np.ma.masked_invalid(data), cmap="viridis", aspect="auto", origin="upper")
     fig.colorbar(image, ax=ax, label="entropy (nats)")
@@ -65,7 +75,7 @@ def plot_head_heatmap(head_means: np.ndarray, path: str | os.PathLike[str], *, t
     ax.set_xticks(range(n_head))
     ax.set_yticks(range(n_layer))
     ax.set_title(title or "mean attention entropy per head")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_layer_history(
@@ -73,7 +83,7 @@ def plot_layer_history(
 ) -> Path:
     """Mean entropy of each layer (one line per layer) against the training step."""
     data = np.asarray(layer_means, dtype=np.float64).reshape(len(steps), -1)  # [N, L]
-    fig = _figure(6.0, 4.0)
+    fig = new_figure(6.0, 4.0)
     ax = fig.add_subplot(1, 1, 1)
     for layer in range(data.shape[1]):
         ax.plot(list(steps), data[:, layer], marker="o" if len(steps) < 30 else None, label=f"layer {layer}")
@@ -83,7 +93,7 @@ def plot_layer_history(
     if data.shape[1] <= 24:
         ax.legend(fontsize=7, ncol=2 if data.shape[1] > 8 else 1)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_bin_histogram(head_means: np.ndarray, path: str | os.PathLike[str], *, title: str = "") -> Path:
@@ -92,7 +102,7 @@ def plot_bin_histogram(head_means: np.ndarray, path: str | os.PathLike[str], *, 
     shares = entropy_bin_shares(data)
     finite = data[np.isfinite(data)]
     top = float(finite.max()) if finite.size else float("nan")
-    fig = _figure(5.5, 3.5)
+    fig = new_figure(5.5, 3.5)
     ax = fig.add_subplot(1, 1, 1)
     bars = ax.bar(range(4), shares * 100, color=["#3b528b", "#21918c", "#5ec962", "#fde725"], edgecolor="black")
     for bar, share in zip(bars, shares, strict=True):
@@ -102,4 +112,4 @@ def plot_bin_histogram(head_means: np.ndarray, path: str | os.PathLike[str], *, 
     ax.set_ylabel("share of heads (%)")
     ax.set_ylim(0, 105)
     ax.set_title(title or f"entropy bins (max = {top:.2f} nats, {finite.size} heads)")
-    return _save(fig, path)
+    return save_figure(fig, path)
