@@ -25,6 +25,14 @@ from entropic.ops import entropic_attention, record_row_entropy
 
 _ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "identity": nn.Identity}
 
+_RESIDUAL_PROJECTION = "_entropic_residual_projection"
+"""Marks the linears that write into the residual stream, which get GPT-2's depth-scaled init."""
+
+
+def _mark_residual_projection(linear: nn.Linear) -> nn.Linear:
+    setattr(linear, _RESIDUAL_PROJECTION, True)
+    return linear
+
 
 @dataclass
 class EntropicModelOutput(BaseModelOutput):
@@ -56,7 +64,7 @@ class EntropicAttention(nn.Module):
         self.q_proj = nn.Linear(d, d, bias=config.bias)
         self.k_proj = nn.Linear(d, d, bias=config.bias)
         self.v_proj = nn.Linear(d, d, bias=config.bias)
-        self.c_proj = nn.Linear(d, d, bias=config.bias)
+        self.c_proj = _mark_residual_projection(nn.Linear(d, d, bias=config.bias))
         self.resid_dropout = nn.Dropout(config.dropout)
         self.temperature = None
         if config.attn_temperature != "none":
@@ -96,11 +104,11 @@ class EntropicMLP(nn.Module):
         d = config.n_embd
         if config.fuse_ffn:
             # W_out·(W_in·x + b_in) + b_out == (W_out·W_in)·x + (W_out·b_in + b_out): one d×d linear.
-            self.c_fused = nn.Linear(d, d, bias=config.bias)
+            self.c_fused = _mark_residual_projection(nn.Linear(d, d, bias=config.bias))
         else:
             self.c_fc = nn.Linear(d, config.ffn_mult * d, bias=config.bias)
             self.act = _ACTIVATIONS[config.activation]()
-            self.c_proj = nn.Linear(config.ffn_mult * d, d, bias=config.bias)
+            self.c_proj = _mark_residual_projection(nn.Linear(config.ffn_mult * d, d, bias=config.bias))
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -154,10 +162,11 @@ class EntropicPreTrainedModel(PreTrainedModel):
         """GPT-2 init: N(0, initializer_range), residual projections scaled by 1/√(2L); the papers' scalars."""
         super()._init_weights(module)
         std = self.config.initializer_range
-        if isinstance(module, (EntropicAttention, EntropicMLP)):
+        # Transformers calls this once per module that owns parameters directly, so the depth scaling is keyed
+        # on the residual linears themselves, not on the attention/FFN modules that hold them.
+        if isinstance(module, nn.Linear) and getattr(module, _RESIDUAL_PROJECTION, False):
             # Two residual branches per block add up over depth (GPT-2 paper).
-            residual = module.c_fused if hasattr(module, "c_fused") else module.c_proj
-            init.normal_(residual.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
+            init.normal_(module.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
         elif isinstance(module, AttentionTemperature):
             init.constant_(module.log_temperature, math.log(module.init_value))
         elif isinstance(module, FFNScaling):
