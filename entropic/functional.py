@@ -24,6 +24,7 @@ import torch
 
 __all__ = [
     "BIN_LABELS",
+    "DEFAULT_THRESHOLD",
     "REDUCTIONS",
     "EntropicOverload",
     "EntropyBinShares",
@@ -31,16 +32,27 @@ __all__ = [
     "attention_entropy",
     "causal_max_entropy",
     "entropic_overload",
+    "entropy_and_max_totals",
     "entropy_bin_shares",
     "entropy_collapse",
     "entropy_from_logits",
     "entropy_penalty",
     "head_entropy",
+    "heads_in_band",
     "max_entropy",
     "mean_causal_max_entropy",
+    "mean_entropy_fraction",
+    "query_key_counts",
 ]
 
 REDUCTIONS = ("paper", "per_query")
+
+DEFAULT_THRESHOLD = 0.35
+"""The one default initial threshold θ (a fraction of E_max = log T) of every penalty owner.
+
+The paper does not state its init; its learned thresholds lie in about 0.20-0.52 (layer means 0.3-0.45), and
+0.35 starts every head in the middle of that range.
+"""
 
 
 def _acc(x: torch.Tensor) -> torch.Tensor:
@@ -185,6 +197,7 @@ def entropy_penalty(
     context_size: int,
     tolerance: float = 0.2,
     reduction: str = "paper",
+    query_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""Entropy-regularization penalty of Algorithm 1, unweighted (the caller multiplies by λ).
 
@@ -212,12 +225,15 @@ def entropy_penalty(
         context_size: the ``T`` of ``E_max = log(T)``; an int >= 2.
         tolerance: ``γ`` in ``[0, 1)``; the band is ``±γ·E_max`` around each target.
         reduction: ``"paper"`` or ``"per_query"`` (see above).
+        query_mask: optional bool ``[B, T]``, ``True`` for the queries that count (real tokens; a batch's
+            ``attention_mask``). Padded queries are left out of the means and sums above, so padding, right or
+            left, does not change the penalty of the real tokens.
 
     Returns:
         fp32 scalar, differentiable with respect to ``row_entropy`` and ``thresholds``.
 
     Raises:
-        ValueError: for a bad shape, ``context_size``, ``tolerance`` or ``reduction``.
+        ValueError: for a bad shape, ``context_size``, ``tolerance``, ``reduction`` or ``query_mask``.
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -238,10 +254,13 @@ def entropy_penalty(
     band = tolerance * e_max
     target = thresholds.float() * e_max  # [L, H]
     if reduction == "paper":
-        dev = ent.mean(dim=(1, 3)) - target  # [L, H]
+        dev = head_entropy(ent, query_mask) - target  # [L, H]
         return torch.where(dev.abs() > band, dev.square(), torch.zeros_like(dev)).mean()
     dev = ent - target[:, None, :, None]  # [L, B, H, T]
-    pen = torch.where(dev.abs() > band, dev.square(), torch.zeros_like(dev))
+    outside = dev.abs() > band
+    if query_mask is not None:
+        outside = outside & _check_query_mask(query_mask, ent)[None, :, None, :]
+    pen = torch.where(outside, dev.square(), torch.zeros_like(dev))
     return pen.sum() / (n_layer * n_head)
 
 
@@ -270,15 +289,86 @@ def head_entropy(
     ent = ent.float()
     if query_mask is None:
         return ent.mean(dim=(-3, -1))
-    batch, _, seq = ent.shape[-3:]
-    if query_mask.dtype != torch.bool or tuple(query_mask.shape) != (batch, seq):
-        raise ValueError(
-            f"query_mask must be a bool tensor of shape [B, T] = [{batch}, {seq}], "
-            f"got {query_mask.dtype} {tuple(query_mask.shape)}"
-        )
-    keep = query_mask[:, None, :]  # [B, 1, T], broadcasts over heads (and layers)
+    keep = _check_query_mask(query_mask, ent)[:, None, :]  # [B, 1, T], broadcasts over heads (and layers)
     total = torch.where(keep, ent, torch.zeros_like(ent)).sum(dim=(-3, -1))
     return total / query_mask.sum().clamp_min(1).to(ent.dtype)
+
+
+def _check_query_mask(query_mask: torch.Tensor, row_entropy: torch.Tensor) -> torch.Tensor:
+    """``query_mask`` after checking it is a bool [B, T] matching ``row_entropy``'s [..., B, H, T]."""
+    batch, _, seq = row_entropy.shape[-3:]
+    if query_mask.dtype != torch.bool or tuple(query_mask.shape) != (batch, seq):
+        raise ValueError(
+            f"query_mask must be a bool tensor of shape [B, T] = [{batch}, {seq}] (True = a real token), "
+            f"got {query_mask.dtype} {tuple(query_mask.shape)}"
+        )
+    return query_mask.to(row_entropy.device)
+
+
+def query_key_counts(query_mask: torch.Tensor | None, seq_len: int, device: torch.device | None = None) -> torch.Tensor:
+    """How many keys each query may attend under a causal mask with key padding: ``[B, T]`` (or ``[1, T]``).
+
+    Query ``i`` sees the real tokens at positions ``<= i``; for a real query that is its 1-based rank among the
+    real tokens of its row, whatever the padding side. Padded queries get 0.
+    """
+    if query_mask is None:
+        return torch.arange(1, seq_len + 1, device=device, dtype=torch.float32)[None, :]
+    counts = query_mask.to(torch.float32).cumsum(-1)
+    return torch.where(query_mask, counts, torch.zeros_like(counts))
+
+
+def entropy_and_max_totals(
+    row_entropy: torch.Tensor | Sequence[torch.Tensor], query_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``[Σ e, Σ log(keys)]`` over layers, heads and (real) queries, fp64: the parts of :func:`mean_entropy_fraction`.
+
+    Sums, so that data-parallel ranks can add theirs before dividing.
+    """
+    ent = _stack_layers(row_entropy).detach().to(torch.float64)
+    n_layer, batch, n_head, seq = ent.shape
+    if query_mask is not None:
+        query_mask = _check_query_mask(query_mask, ent)
+    keys = query_key_counts(query_mask, seq, ent.device)  # [B, T] or [1, T]
+    row_max = keys.clamp_min(1).log().to(torch.float64).expand(batch, seq)  # [B, T]
+    keep = torch.ones_like(row_max, dtype=torch.bool) if query_mask is None else query_mask
+    total_max = row_max[keep].sum() * (n_head * n_layer)
+    total = torch.where(keep[None, :, None, :], ent, torch.zeros_like(ent)).sum()
+    return torch.stack([total, total_max])
+
+
+def mean_entropy_fraction(
+    row_entropy: torch.Tensor | Sequence[torch.Tensor], query_mask: torch.Tensor | None = None
+) -> float:
+    """Mean row entropy over layers, heads and (real) queries as a fraction of its causal maximum.
+
+    1.0 is uniform causal attention over the real keys of every row, 0 one-hot attention. This is what the
+    penalty's gate compares with its threshold to tell when attention has left uniform.
+
+    Args:
+        row_entropy: ``[L, B, H, T]`` (or a sequence of L ``[B, H, T]``) row entropies in nats.
+        query_mask: optional bool ``[B, T]``, ``True`` for real tokens.
+
+    Returns:
+        Σ e / Σ log(keys of the query), both over the included rows; 1.0 when no included query has >= 2 keys.
+    """
+    total, total_max = entropy_and_max_totals(row_entropy, query_mask).tolist()
+    return total / total_max if total_max > 0 else 1.0
+
+
+def heads_in_band(
+    head_ent: torch.Tensor, thresholds: torch.Tensor, *, context_size: int, tolerance: float = 0.2
+) -> float:
+    """Share of heads whose entropy lies inside the penalty's band ``|E - θ·E_max| <= γ·E_max``.
+
+    Args:
+        head_ent: ``[L, H]`` head entropies in nats (see :func:`head_entropy`).
+        thresholds: ``[L, H]`` fractions θ of ``E_max = log(context_size)``.
+        context_size: ``T`` of ``E_max``.
+        tolerance: ``γ``.
+    """
+    e_max = math.log(_check_positive_int("context_size", context_size, minimum=2))
+    dev = head_ent.detach().float() - thresholds.detach().float().to(head_ent.device) * e_max
+    return float((dev.abs() <= tolerance * e_max).float().mean())
 
 
 BIN_LABELS = ("0-25", "25-50", "50-75", "75-100")

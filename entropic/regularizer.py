@@ -13,25 +13,36 @@ Example (plain PyTorch / Hugging Face)::
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=64))
     prepare_model(model)                                # sdpa/eager -> the entropy-recording attention
-    penalty = EntropyPenalty.for_model(model)           # learnable thresholds [L, H], init 0.5
+    penalty = EntropyPenalty.for_model(model)           # learnable thresholds [L, H], init DEFAULT_THRESHOLD
     opt = torch.optim.AdamW([*model.parameters(), *penalty.parameters()], lr=1e-3)
     for batch in loader:
         loss = model(**batch).loss
-        loss = loss + 1e-5 * penalty(model)             # λ · L_entropy of this forward (paper, Alg. 1)
+        loss = loss + 0.01 * penalty(model, attention_mask=batch["attention_mask"])  # λ · L_entropy (Alg. 1)
         loss.backward(); opt.step(); opt.zero_grad()
+
+With ``loss_coeff`` set, the module applies the schedule itself (a gated start, a λ warm-up, θ from the observed
+entropies) and returns λ_t · L_entropy; call it once per optimizer step, or pass ``step=``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from entropic.functional import REDUCTIONS, entropy_penalty
+from entropic.functional import (
+    DEFAULT_THRESHOLD,
+    REDUCTIONS,
+    entropy_penalty,
+    head_entropy,
+    mean_entropy_fraction,
+)
 from entropic.hf import use_entropic_attention
-from entropic.ops.recording import clear_row_entropies, collect_row_entropies
+from entropic.ops.recording import clear_row_entropies, collect_row_entropies, entropy_recording_modules
+from entropic.penalty_schedule import THRESHOLD_INIT_OBSERVED, PenaltySchedule, check_threshold_init
 
 __all__ = [
     "EntropyPenalty",
@@ -42,6 +53,8 @@ __all__ = [
     "find_attention_dims",
     "find_model_thresholds",
     "prepare_model",
+    "query_mask_from_batch",
+    "thresholds_from_entropies",
 ]
 
 THRESHOLDS_ATTR = "entropy_thresholds"
@@ -128,6 +141,7 @@ def entropy_penalty_from_model(
     context_size: int | None = None,
     tolerance: float = 0.2,
     reduction: str = "paper",
+    query_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The unweighted entropy penalty (paper, Algorithm 1) of ``model``'s last forward.
 
@@ -138,6 +152,8 @@ def entropy_penalty_from_model(
         tolerance: γ; deviations within γ·E_max are not penalized.
         reduction: ``"paper"`` (squared deviation of the query-averaged head entropy, mean over heads and
             layers) or ``"per_query"`` (the authors' released code: per query, summed over batch and queries).
+        query_mask: optional bool [B, T], True for real tokens (the batch's ``attention_mask``); padded queries
+            are left out.
 
     Returns:
         A scalar fp32 tensor with the autograd graph of the forward and of ``thresholds``.
@@ -155,7 +171,12 @@ def entropy_penalty_from_model(
             "to the entropic attention), and compute the penalty after a forward pass."
         )
     return entropy_penalty_from_entropies(
-        entropies, thresholds, context_size=context_size, tolerance=tolerance, reduction=reduction
+        entropies,
+        thresholds,
+        context_size=context_size,
+        tolerance=tolerance,
+        reduction=reduction,
+        query_mask=query_mask,
     )
 
 
@@ -166,6 +187,7 @@ def entropy_penalty_from_entropies(
     context_size: int | None = None,
     tolerance: float = 0.2,
     reduction: str = "paper",
+    query_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Like :func:`entropy_penalty_from_model`, from L recorded [B, H, T] row entropies (or one [L, B, H, T])."""
     row_entropy = (
@@ -180,23 +202,72 @@ def entropy_penalty_from_entropies(
         )
     context = context_size if context_size is not None else row_entropy.shape[-1]
     return entropy_penalty(
-        row_entropy, thresholds.to(row_entropy.device), context_size=context, tolerance=tolerance, reduction=reduction
+        row_entropy,
+        thresholds.to(row_entropy.device),
+        context_size=context,
+        tolerance=tolerance,
+        reduction=reduction,
+        query_mask=query_mask,
     )
+
+
+def query_mask_from_batch(batch: Any) -> torch.Tensor | None:
+    """The bool [B, T] mask of real tokens of a batch (its ``attention_mask``), or None when it has none."""
+    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        return mask.to(torch.bool)
+    return None
+
+
+def thresholds_from_entropies(
+    row_entropies: Sequence[torch.Tensor] | torch.Tensor, context_size: int, query_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """θ [L, H] that puts every head exactly on its target: the observed head entropy / log T, clipped to [0, 1]."""
+    return (head_entropy(row_entropies, query_mask) / math.log(context_size)).clamp(0.0, 1.0).detach()
+
+
+_QUERY_KEY_NAME_PARTS = ("q_proj", "k_proj", "query", "key", "c_attn", "qkv", "temperature")
+
+
+def attention_logit_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters that shape the attention logits (W_q, W_k, fused qkv, temperature) of the recording layers.
+
+    Found by name inside the modules that recorded entropies in the last forward; a fused qkv projection (GPT-2's
+    ``c_attn``) counts whole. Falls back to every parameter of those modules when no name matches.
+    """
+    modules = entropy_recording_modules(model)
+    found = [
+        p
+        for module in modules
+        for name, p in module.named_parameters()
+        if p.requires_grad and any(part in name for part in _QUERY_KEY_NAME_PARTS)
+    ]
+    return found or [p for module in modules for p in module.parameters() if p.requires_grad]
 
 
 class EntropyPenalty(nn.Module):
     """Learnable (or fixed) per-(layer, head) thresholds and the penalty of a model's last forward.
 
+    Without ``loss_coeff`` it returns the unweighted penalty and the caller multiplies by λ. With ``loss_coeff`` it
+    follows a :class:`~entropic.penalty_schedule.PenaltySchedule` and returns λ_t · penalty.
+
     Args:
         num_layers: L.
         num_heads: H.
-        init: initial θ (a fraction of E_max = log T), a float or an [L, H] tensor. Default 0.5: the middle of
-            [0, 1], inside the 0.2-0.52 range of the paper's learned thresholds (Fig. 6a), which does not state
-            an initial value.
+        init: initial θ (a fraction of E_max = log T): a float in [0, 1], an [L, H] tensor, or ``"observed"``
+            (θ set from the head entropies of the step at which the penalty starts; needs ``loss_coeff``).
+            Default :data:`entropic.functional.DEFAULT_THRESHOLD`.
         learnable: whether θ is an ``nn.Parameter`` (else a buffer, saved but not trained).
         tolerance: γ (the paper uses 0.2).
         reduction: ``"paper"`` or ``"per_query"``.
         context_size: T in E_max = log T; None uses the sequence length of the last forward.
+        loss_coeff: λ; None returns the unweighted penalty (and takes no schedule options).
+        start_step, start_when_entropy_below, warmup_steps: the schedule (see
+            :class:`~entropic.penalty_schedule.PenaltySchedule`); steps count calls of ``forward`` unless
+            ``step=`` is passed.
+
+    Raises:
+        ValueError: a bad value, named with what is allowed.
     """
 
     def __init__(
@@ -204,20 +275,40 @@ class EntropyPenalty(nn.Module):
         num_layers: int,
         num_heads: int,
         *,
-        init: float | torch.Tensor = 0.5,
+        init: float | torch.Tensor | str = DEFAULT_THRESHOLD,
         learnable: bool = True,
         tolerance: float = 0.2,
         reduction: str = "paper",
         context_size: int | None = None,
+        loss_coeff: float | None = None,
+        start_step: int = 0,
+        start_when_entropy_below: float | None = None,
+        warmup_steps: int = 0,
     ) -> None:
         super().__init__()
         validate_penalty_args(tolerance, reduction, context_size)
+        check_threshold_init(init)
+        scheduled = (
+            start_step or start_when_entropy_below is not None or warmup_steps or init == THRESHOLD_INIT_OBSERVED
+        )
+        if loss_coeff is None and scheduled:
+            raise ValueError(
+                "start_step, start_when_entropy_below, warmup_steps and init='observed' need loss_coeff= (the "
+                "module then returns λ_t · penalty); got loss_coeff=None"
+            )
         self.tolerance, self.reduction, self.context_size = float(tolerance), reduction, context_size
-        thresholds = make_thresholds(num_layers, num_heads, init)
+        self.schedule = (
+            None
+            if loss_coeff is None
+            else PenaltySchedule(loss_coeff, start_step, start_when_entropy_below, warmup_steps)
+        )
+        self.observed_init = init == THRESHOLD_INIT_OBSERVED
+        thresholds = make_thresholds(num_layers, num_heads, DEFAULT_THRESHOLD if self.observed_init else init)
         if learnable:
             self.thresholds = nn.Parameter(thresholds)
         else:
             self.register_buffer("thresholds", thresholds)
+        self.calls = 0
 
     @classmethod
     def for_model(cls, model: nn.Module, **kwargs) -> EntropyPenalty:
@@ -227,10 +318,50 @@ class EntropyPenalty(nn.Module):
             raise ValueError(f"cannot infer (layers, heads) from {type(model).__name__}; pass them explicitly")
         return cls(*dims, **kwargs)
 
-    def forward(self, model: nn.Module) -> torch.Tensor:
-        return entropy_penalty_from_model(
-            model, self.thresholds, context_size=self.context_size, tolerance=self.tolerance, reduction=self.reduction
+    def forward(
+        self, model: nn.Module, *, attention_mask: torch.Tensor | None = None, step: int | None = None
+    ) -> torch.Tensor:
+        """The penalty of ``model``'s last forward: unweighted, or λ_t · penalty with ``loss_coeff``.
+
+        Args:
+            model: the model that just ran forward (see :func:`prepare_model`).
+            attention_mask: the batch's [B, T] mask (1 = token); padded queries are left out.
+            step: the optimizer step, for the schedule; default: the number of earlier calls.
+        """
+        query_mask = None if attention_mask is None else attention_mask.to(torch.bool)
+        entropies = collect_row_entropies(model)
+        if not entropies:
+            raise RuntimeError(
+                f"{type(model).__name__} recorded no attention entropies in its last forward: call "
+                "entropic.regularizer.prepare_model(model) first, and compute the penalty after a forward pass."
+            )
+        step = self.calls if step is None else step
+        self.calls += 1
+        coeff = 1.0
+        if self.schedule is not None:
+            started = self.schedule.maybe_start(step, lambda: mean_entropy_fraction(entropies, query_mask))
+            if started and self.observed_init:
+                context = self.context_size or int(entropies[0].shape[-1])
+                with torch.no_grad():
+                    self.thresholds.copy_(thresholds_from_entropies(entropies, context, query_mask))
+            coeff = self.schedule.coeff(step)
+        penalty = entropy_penalty_from_entropies(
+            entropies,
+            self.thresholds,
+            context_size=self.context_size,
+            tolerance=self.tolerance,
+            reduction=self.reduction,
+            query_mask=query_mask,
         )
+        return penalty if self.schedule is None else coeff * penalty
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"calls": self.calls, "schedule": None if self.schedule is None else self.schedule.state_dict()}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.calls = int(state.get("calls", self.calls))
+        if self.schedule is not None and state.get("schedule") is not None:
+            self.schedule.load_state_dict(state["schedule"])
 
 
 def make_thresholds(num_layers: int, num_heads: int, init: float | torch.Tensor) -> torch.Tensor:

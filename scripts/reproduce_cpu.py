@@ -1,30 +1,37 @@
-"""CPU-scale reproduction of the paper's findings: trains each architecture arm at the same token budget and seed,
-then writes a results table and figures.
+"""CPU-scale study of the paper's findings, with seeds: trains each arm at one token budget, then writes a table
+of mean ± standard error, paired differences against each arm's control, a verdict per finding, and figures.
 
-Arms (recipes/cpu/*.yaml, identical training settings): the baseline SM+LN+G; LayerNorm-free GELU and ReLU;
-softmax-only without a stabilizer and with each stabilizer (weight and spectral normalization of the FFN,
-FFN scaling, fused scaled FFN); SM(t)+ScFuFFN without and with entropy regularization (the paper's method).
+The regime (``REGIME``) is one that trains on 2 cores: L=6, H=4, d=128, T=128, a 2,048-token BPE, batches of
+32 × 128 tokens, 1,500 steps (6.1M tokens), validation on 200 batches. Every arm starts from its recipe in
+``recipes/cpu/`` with the regime and the arm's own settings on top; seed k sets ``seed_everything = 1337 + k``
+and the data order.
 
-    .venv/bin/python scripts/reproduce_cpu.py                       # every arm, then the docs
-    .venv/bin/python scripts/reproduce_cpu.py --arms sm,sm_g        # a subset
-    .venv/bin/python scripts/reproduce_cpu.py --loss-coeff 0.01 --loss-coeff 0.2   # extra EReg arms (lambda sweep)
-    .venv/bin/python scripts/reproduce_cpu.py --report-only         # rebuild table and figures from finished runs
+    .venv/bin/python scripts/reproduce_cpu.py --arms sm_t_scfuffn,ereg --seeds 0,1,2 --jobs 2
+    .venv/bin/python scripts/reproduce_cpu.py --report-only               # tables and figures from finished runs
 
-Each arm trains in its own process through the ``entropic`` CLI, into ``<out>/<arm>``. A finished arm is
-skipped and an interrupted one resumes from its ``last.ckpt``, so the script can be re-run after a kill.
-Results go to ``<docs>/results.md``, ``<docs>/results.json`` and ``<docs>/*.png``.
+Each (arm, seed) trains in its own process through the ``entropic`` CLI into ``<out>/<arm>/seed<k>``, with one
+thread (``OMP_NUM_THREADS=1``), ``--jobs`` at a time. A finished run is skipped and an interrupted one resumes
+from its ``last.ckpt``, so the script can be re-run after any interruption. Results go to ``<docs>/results.md``,
+``<docs>/results.json`` and ``<docs>/*.png``.
+
+**Pass rule.** A difference between an arm and its control is shown when, over the seeds both have, every paired
+difference (arm − control, seed by seed) has the same sign and the mean's magnitude exceeds twice its standard
+error. A claim about an arm whose attention never leaves uniform is "untested".
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import os
 import subprocess
 import sys
+import threading
 import time
-from dataclasses import asdict, dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -38,36 +45,146 @@ from entropic.functional import entropy_bin_shares, entropy_collapse, mean_causa
 from entropic.io import atomic_write_json, atomic_write_text  # noqa: E402
 from entropic.report import _as_float, _fmt, read_run_metrics, summarize_run  # noqa: E402
 
+BASE_SEED = 1337  # the authors' seed; seed k trains with BASE_SEED + k
 
-@dataclass(frozen=True)
+REGIME: dict[str, object] = {
+    "model.n_layer": 6,
+    "model.n_head": 4,
+    "model.n_embd": 128,
+    "model.n_positions": 128,
+    "data.block_size": 128,
+    "data.batch_size": 32,
+    "data.vocab_size": 2048,
+    "data.val_fraction": 0.1,  # >= 200 validation batches of 32 x 128 tokens
+    "trainer.max_steps": 1500,
+    "trainer.accumulate_grad_batches": 1,
+    "trainer.val_check_interval": 750,
+    "trainer.limit_val_batches": 200,
+    "trainer.log_every_n_steps": 25,
+}
+"""The study's training regime, applied over every arm's recipe."""
+
+UNIFORM_FRACTION = 0.9
+"""Attention has left uniform once the mean head entropy is below this fraction of the causal maximum."""
+
+PAPER_LAMBDA_PAPER_REDUCTION = 0.16
+"""The paper's λ = 1e-5 multiplied per-query penalties summed over 128 × 128-token micro-batches; the "paper"
+reduction averages over the B·T queries first, so the same gradient per query needs 1e-5 · 16,384 ≈ 0.16."""
+
+PAPER_LAMBDA_PER_QUERY = 1e-5 * (128 * 128) / (32 * 128)
+"""The paper's λ scaled from its 128 × 128-token micro-batch to our 32 × 128 batch (the per-query sum grows with B·T)."""
+
+STRESS_LR = 5e-3
+"""A learning rate at which softmax-only models collapse (docs/reproduction.md); confirmed by the lr-sweep arms."""
+
+EREG = {
+    "loss_coeff": PAPER_LAMBDA_PAPER_REDUCTION,
+    "tolerance": 0.2,
+    "reduction": "paper",
+    "start_when_entropy_below": UNIFORM_FRACTION,
+    "warmup_steps": 150,  # 10 % of the steps
+}
+
+
+@dataclass
 class Arm:
-    """One architecture arm of the comparison."""
+    """One arm: a recipe, the arm's settings over the regime, and the arm it is compared with."""
 
     key: str  # run directory name
     recipe: str  # stem of recipes/cpu/<recipe>.yaml
-    label: str  # how the table and figures name it
-    loss_coeff: float | None = None  # lambda override for entropy-regularized arms
+    label: str  # how tables and figures name it
+    control: str | None = None  # key of the arm it is compared with, seed by seed
+    settings: dict[str, object] = field(default_factory=dict)  # dotted recipe overrides
+    regularization: dict[str, object] | None = None  # EntropyRegularization init_args (replace the recipe's)
 
+
+def _hi(settings: dict[str, object] | None = None) -> dict[str, object]:
+    return {"model.learning_rate": STRESS_LR, **(settings or {})}
+
+
+_ALPHA10 = {"model.model_overrides": {"ffn_scale_alpha_init": 10.0}}
 
 ARMS: tuple[Arm, ...] = (
     Arm("sm_ln_g", "sm_ln_g", "SM+LN+G (baseline)"),
-    Arm("sm_g", "sm_g", "SM+G (LN-free GELU)"),
-    Arm("sm_r", "sm_r", "SM+R (LN-free ReLU)"),
-    Arm("sm", "sm", "SM (softmax-only)"),
-    Arm("sm_wnorm_ffn", "sm_wnorm_ffn", "SM+WNorm(FFN)"),
-    Arm("sm_snorm_ffn", "sm_snorm_ffn", "SM+SNorm(FFN)"),
-    Arm("sm_scffn", "sm_scffn", "SM+ScFFN"),
-    Arm("sm_scfuffn", "sm_scfuffn", "SM+ScFuFFN"),
-    Arm("sm_t_scfuffn", "sm_t_scfuffn", "SM(t)+ScFuFFN"),
-    Arm("ereg_sm_t_scfuffn", "ereg_sm_t_scfuffn", "EReg(SM(t)+ScFuFFN)"),
+    Arm("sm_g", "sm_g", "SM+G (LN-free GELU)", "sm_ln_g"),
+    Arm("sm_r", "sm_r", "SM+R (LN-free ReLU)", "sm_ln_g"),
+    Arm("sm", "sm", "SM (softmax-only)", "sm_ln_g"),
+    Arm("sm_wnorm_ffn", "sm_wnorm_ffn", "SM+WNorm(FFN)", "sm"),
+    Arm("sm_snorm_ffn", "sm_snorm_ffn", "SM+SNorm(FFN)", "sm"),
+    Arm("sm_scfuffn", "sm_scfuffn", "SM+ScFuFFN", "sm"),
+    Arm("sm_scfuffn_a10", "sm_scfuffn", "SM+ScFuFFN, α₀=10", "sm", _ALPHA10),
+    Arm("sm_t_scfuffn", "sm_t_scfuffn", "SM(t)+ScFuFFN", "sm_scfuffn"),
+    Arm(
+        "ereg",
+        "ereg_sm_t_scfuffn",
+        "EReg, θ observed (default)",
+        "sm_t_scfuffn",
+        regularization={**EREG, "threshold_init": "observed"},
+    ),
+    Arm("ereg_paper_lambda", "ereg_sm_t_scfuffn", "EReg, θ₀=0.35", "sm_t_scfuffn", regularization=dict(EREG)),
+    Arm(
+        "ereg_per_query",
+        "ereg_sm_t_scfuffn",
+        "EReg, per-query",
+        "sm_t_scfuffn",
+        regularization={**EREG, "reduction": "per_query", "loss_coeff": PAPER_LAMBDA_PER_QUERY},
+    ),
+    Arm(
+        "ereg_frozen_theta",
+        "ereg_sm_t_scfuffn",
+        "EReg, θ frozen at 0.35",
+        "sm_t_scfuffn",
+        regularization={**EREG, "learnable_thresholds": False},
+    ),
+    Arm(
+        "ereg_before",
+        "ereg_sm_t_scfuffn",
+        "EReg, the earlier default",
+        "sm_t_scfuffn",
+        regularization={"loss_coeff": 0.01, "tolerance": 0.2, "reduction": "paper", "start_fraction": 0.05},
+    ),
+    Arm("sm_lr3e-3", "sm", "SM, lr 3e-3", None, {"model.learning_rate": 3e-3}),
+    Arm("sm_lr1e-2", "sm", "SM, lr 1e-2", None, {"model.learning_rate": 1e-2}),
+    Arm("sm_ln_g_hi", "sm_ln_g", "SM+LN+G, stress lr", None, _hi()),
+    Arm("sm_hi", "sm", "SM, stress lr", "sm_ln_g_hi", _hi()),
+    Arm("sm_scfuffn_hi", "sm_scfuffn", "SM+ScFuFFN, stress lr", "sm_hi", _hi()),
+    Arm("sm_scfuffn_a10_hi", "sm_scfuffn", "SM+ScFuFFN α₀=10, stress lr", "sm_hi", _hi(_ALPHA10)),
+    Arm("sm_snorm_ffn_hi", "sm_snorm_ffn", "SM+SNorm(FFN), stress lr", "sm_hi", _hi()),
 )
+ARMS_BY_KEY = {arm.key: arm for arm in ARMS}
 
 
-def lambda_arm(loss_coeff: float) -> Arm:
-    """An extra EReg(SM(t)+ScFuFFN) arm with entropy-regularization weight ``loss_coeff``."""
-    if not (isinstance(loss_coeff, float) and math.isfinite(loss_coeff) and loss_coeff > 0):
-        raise ValueError(f"--loss-coeff must be a finite number > 0, got {loss_coeff!r}")
-    return Arm(f"ereg_lambda_{loss_coeff:g}", "ereg_sm_t_scfuffn", f"EReg, λ={loss_coeff:g}", loss_coeff)
+@dataclass(frozen=True)
+class Finding:
+    """A claim of the paper, tested as the paired difference of one metric between an arm and a control."""
+
+    number: int
+    claim: str
+    arm: str
+    control: str
+    metric: str  # key of RunResult
+    expected: int  # +1: the paper has the arm above the control; -1: below
+
+
+FINDINGS: tuple[Finding, ...] = (
+    Finding(1, "Removing LayerNorm costs perplexity (GELU)", "sm_g", "sm_ln_g", "val_ppl", +1),
+    Finding(1, "Removing LayerNorm costs perplexity (ReLU)", "sm_r", "sm_ln_g", "val_ppl", +1),
+    Finding(2, "LayerNorm-free models overload: more heads in the top entropy bin", "sm_g", "sm_ln_g", "top_bin", +1),
+    Finding(2, "LayerNorm-free ReLU model overloads", "sm_r", "sm_ln_g", "top_bin", +1),
+    Finding(3, "Softmax-only collapses in deep layers (stress lr)", "sm_hi", "sm_ln_g_hi", "collapsed", +1),
+    Finding(4, "FFN scaling prevents the collapse (stress lr)", "sm_scfuffn_hi", "sm_hi", "val_ppl", -1),
+    Finding(4, "FFN scaling with α₀=10 prevents the collapse", "sm_scfuffn_a10_hi", "sm_hi", "val_ppl", -1),
+    Finding(5, "A learnable temperature lowers perplexity", "sm_t_scfuffn", "sm_scfuffn", "val_ppl", -1),
+    Finding(6, "Entropy regularization lowers perplexity (θ observed)", "ereg", "sm_t_scfuffn", "val_ppl", -1),
+    Finding(
+        6, "Entropy regularization lowers perplexity (paper λ)", "ereg_paper_lambda", "sm_t_scfuffn", "val_ppl", -1
+    ),
+    Finding(6, "Entropy regularization lowers perplexity (per query)", "ereg_per_query", "sm_t_scfuffn", "val_ppl", -1),
+    Finding(
+        6, "Entropy regularization lowers perplexity (θ frozen)", "ereg_frozen_theta", "sm_t_scfuffn", "val_ppl", -1
+    ),
+    Finding(7, "Spectral normalization of the FFN stabilizes softmax-only", "sm_snorm_ffn_hi", "sm_hi", "val_ppl", -1),
+)
 
 
 # ---------------------------------------------------------------------------------------------------- recipes
@@ -81,24 +198,25 @@ def _set_dotted(config: dict, dotted: str, value: object) -> None:
     node[leaf] = value  # a new key is allowed: the CLI's parser rejects keys it does not know
 
 
-def arm_recipe(arm: Arm, run_dir: Path, *, steps: int | None, overrides: dict[str, object]) -> dict:
-    """The recipe an arm trains with: recipes/cpu/<recipe>.yaml plus the run directory and overrides."""
+def run_recipe(arm: Arm, seed: int, run_dir: Path, *, steps: int | None, overrides: dict[str, object]) -> dict:
+    """The recipe one (arm, seed) trains with: recipes/cpu/<recipe>.yaml, the regime, the arm, the overrides."""
     path = REPO / "recipes" / "cpu" / f"{arm.recipe}.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"arm {arm.key!r}: recipe {path} does not exist")
-    config = yaml.safe_load(path.read_text())
-    config = copy.deepcopy(config)
+    config = copy.deepcopy(yaml.safe_load(path.read_text()))
+    for dotted, value in {**REGIME, **arm.settings, **overrides}.items():
+        _set_dotted(config, dotted, copy.deepcopy(value))
+    config["seed_everything"] = BASE_SEED + seed
+    config["data"]["seed"] = seed
     config["trainer"]["default_root_dir"] = str(run_dir)
     config["trainer"]["enable_progress_bar"] = False
     if steps is not None:
         config["trainer"]["max_steps"] = steps
-    if arm.loss_coeff is not None:
+    if arm.regularization is not None:
         regs = [c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("EntropyRegularization")]
         if not regs:
-            raise ValueError(f"arm {arm.key!r}: recipe {path.name} has no EntropyRegularization to set lambda on")
-        regs[0]["init_args"]["loss_coeff"] = arm.loss_coeff
-    for dotted, value in overrides.items():
-        _set_dotted(config, dotted, value)
+            raise ValueError(f"arm {arm.key!r}: recipe {path.name} has no EntropyRegularization to configure")
+        regs[0]["init_args"] = dict(arm.regularization)
     return config
 
 
@@ -112,12 +230,19 @@ def _finished_steps(run_dir: Path) -> int | None:
         return None
 
 
-def train_arm(arm: Arm, run_dir: Path, recipe: dict, *, log) -> None:
-    """Trains one arm in a child process (resuming from last.ckpt if a previous attempt was interrupted)."""
+def _add_wall_time(run_dir: Path, seconds: float) -> None:
+    path = run_dir / "wall_time.json"
+    total = json.loads(path.read_text())["seconds"] if path.is_file() else 0.0
+    atomic_write_json(path, {"seconds": total + seconds})
+
+
+def train_run(key: str, seed: int, run_dir: Path, recipe: dict, *, log) -> None:
+    """Trains one (arm, seed) in a child process, resuming from last.ckpt after an interruption."""
     target = int(recipe["trainer"]["max_steps"])
+    name = f"{key}/seed{seed}"
     done = _finished_steps(run_dir)
     if done is not None and done >= target:
-        log(f"[{arm.key}] finished earlier ({done} steps), skipped")
+        log(f"[{name}] finished earlier ({done} steps), skipped")
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     recipe_path = run_dir / "recipe.yaml"
@@ -125,37 +250,47 @@ def train_arm(arm: Arm, run_dir: Path, recipe: dict, *, log) -> None:
     command = [sys.executable, "-m", "entropic.cli", "fit", "--config", str(recipe_path)]
     if (run_dir / "checkpoints" / "last.ckpt").is_file():
         command += ["--ckpt_path", "last"]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    log(f"[{arm.key}] training {target} steps: {' '.join(command[1:])}")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    log(f"[{name}] training {target} steps")
     started = time.perf_counter()
     with (run_dir / "train.log").open("a") as handle:
         result = subprocess.run(command, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT, check=False)
-    minutes = (time.perf_counter() - started) / 60
+    elapsed = time.perf_counter() - started
+    _add_wall_time(run_dir, elapsed)
     if result.returncode != 0:
-        raise RuntimeError(f"arm {arm.key!r} failed (exit {result.returncode}); see {run_dir / 'train.log'}")
-    log(f"[{arm.key}] done in {minutes:.1f} min")
+        raise RuntimeError(f"{name} failed (exit {result.returncode}); see {run_dir / 'train.log'}")
+    log(f"[{name}] done in {elapsed / 60:.1f} min")
+
+
+def prepare_data(recipe: dict) -> None:
+    """Tokenizes the corpus once, before parallel runs would race to build the same cache."""
+    from entropic.data import EntropicDataModule
+
+    EntropicDataModule(**recipe["data"]).prepare_data()
 
 
 # ---------------------------------------------------------------------------------------------------- results
 @dataclass
-class ArmResult:
-    """What the results table shows for one arm."""
+class RunResult:
+    """One finished (arm, seed)."""
 
     key: str
-    label: str
-    arch: str | None
+    seed: int
     steps: int | None
     tokens: int | None
     val_loss: float | None
     val_ppl: float | None
     diverged: bool
+    wall_minutes: float | None
     tokens_per_sec: float | None
     bin_shares: list[float]  # [4] shares of heads per bin, max = causal maximum of the query-averaged entropy
+    top_bin: float  # share of heads in [3max/4, max]
     layer_means: list[float]  # [L] final mean entropy per layer (nats)
     head_means: list[list[float]]  # [L, H] final mean entropy per head (nats)
-    entropy_max: float  # the bins' max: (1/T) sum_i log i
-    collapsed_layers: list[int]  # deep layers whose heads mostly sit below 5% of entropy_max (library detector)
-    first_nonfinite_step: int | None
+    entropy_max: float  # (1/T) sum_i log i
+    collapsed: int  # number of collapsed deep layers (library detector)
+    leaves_uniform_step: int | None  # first logged step with mean entropy < UNIFORM_FRACTION * entropy_max
+    thresholds: list[list[float]] | None  # learned θ [L, H] of EReg runs
 
 
 def _series(rows: list[dict[str, str]], key: str) -> tuple[list[int], list[float]]:
@@ -182,56 +317,53 @@ def _head_means(rows: list[dict[str, str]]) -> np.ndarray:
     raise ValueError("no logged row holds every head's entropy")
 
 
-def _trained_recipe(run_dir: Path, recipe: dict) -> dict:
-    """The recipe the run actually trained with (saved next to it), else ``recipe``."""
-    saved = run_dir / "recipe.yaml"
-    return yaml.safe_load(saved.read_text()) if saved.is_file() else recipe
-
-
-def _label(arm: Arm, recipe: dict) -> str:
-    """The arm's label, plus lambda for entropy-regularized arms and any temperature init override."""
-    extras = []
-    regs = [c for c in recipe["trainer"]["callbacks"] if c["class_path"].endswith("EntropyRegularization")]
-    if regs and arm.loss_coeff is None:
-        extras.append(f"λ={regs[0]['init_args']['loss_coeff']:g}")
-    overrides = recipe["model"].get("model_overrides") or {}
-    if "temperature_init" in overrides:
-        extras.append(f"t₀={overrides['temperature_init']:g}")
-    return f"{arm.label}, {', '.join(extras)}" if extras else arm.label
-
-
-def collect(arm: Arm, run_dir: Path, recipe: dict) -> tuple[ArmResult, dict]:
-    """Reads a finished arm into an :class:`ArmResult` and its curves (for the figures)."""
+def _learned_thresholds(run_dir: Path) -> list[list[float]] | None:
+    """θ [L, H] from the run's last checkpoint, or None when the run has none."""
     import torch
 
-    recipe = _trained_recipe(run_dir, recipe)
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    if not checkpoint.is_file():
+        return None
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    found = [v for k, v in state.items() if k.endswith("entropy_thresholds")]
+    return found[0].float().tolist() if found else None
+
+
+def collect_run(key: str, seed: int, run_dir: Path) -> tuple[RunResult, dict]:
+    """Reads a finished run into a :class:`RunResult` and its curves (for the figures)."""
+    import torch
+
+    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
     summary = summarize_run(run_dir)
     rows = read_run_metrics(run_dir)
     heads = _head_means(rows)
     context = int(recipe["data"]["block_size"])
     top = mean_causal_max_entropy(context)
-    shares = entropy_bin_shares(torch.as_tensor(heads), max_value=top).shares
-    loss_steps, losses = _series(rows, "train/loss")
-    nonfinite = [s for s, v in zip(loss_steps, losses, strict=True) if not math.isfinite(v)]
+    shares = [float(s) for s in entropy_bin_shares(torch.as_tensor(heads), max_value=top).shares]
     tokens_per_step = (
         int(recipe["data"]["batch_size"]) * context * int(recipe["trainer"].get("accumulate_grad_batches", 1))
     )
-    result = ArmResult(
-        key=arm.key,
-        label=_label(arm, recipe),
-        arch=summary.arch,
+    mean_steps, mean_values = _series(rows, "entropy/mean")
+    leaves = next((s for s, v in zip(mean_steps, mean_values, strict=True) if v < UNIFORM_FRACTION * top), None)
+    wall = run_dir / "wall_time.json"
+    result = RunResult(
+        key=key,
+        seed=seed,
         steps=summary.steps,
         tokens=None if summary.steps is None else summary.steps * tokens_per_step,
         val_loss=summary.val_loss,
         val_ppl=summary.val_ppl,
         diverged=summary.diverged,
+        wall_minutes=json.loads(wall.read_text())["seconds"] / 60 if wall.is_file() else None,
         tokens_per_sec=summary.tokens_per_sec,
-        bin_shares=[float(s) for s in shares],
+        bin_shares=shares,
+        top_bin=shares[3],
         layer_means=[float(v) for v in np.nanmean(heads, axis=1)],
         head_means=heads.tolist(),
         entropy_max=float(top),
-        collapsed_layers=list(entropy_collapse(torch.as_tensor(heads), context_size=context).collapsed_layers),
-        first_nonfinite_step=nonfinite[0] if nonfinite else None,
+        collapsed=len(entropy_collapse(torch.as_tensor(heads), context_size=context).collapsed_layers),
+        leaves_uniform_step=leaves,
+        thresholds=_learned_thresholds(run_dir),
     )
     n_layer = heads.shape[0]
     curves = {
@@ -242,127 +374,243 @@ def collect(arm: Arm, run_dir: Path, recipe: dict) -> tuple[ArmResult, dict]:
     return result, curves
 
 
-def results_table(results: list[ArmResult]) -> str:
-    """Markdown table: perplexity, divergence, entropy bins and per-layer entropy of every arm."""
-    bins = ("[0,max/4)", "[max/4,max/2)", "[max/2,3max/4)", "[3max/4,max]")
+# ---------------------------------------------------------------------------------------------------- statistics
+def mean_se(values: list[float]) -> tuple[float, float | None]:
+    """Mean and standard error (sample standard deviation / √n; None for n < 2)."""
+    array = np.asarray(values, dtype=np.float64)
+    if array.size < 2:
+        return float(array.mean()), None
+    return float(array.mean()), float(array.std(ddof=1) / math.sqrt(array.size))
+
+
+@dataclass
+class Comparison:
+    """Paired differences of one metric, arm − control, over the seeds both finished."""
+
+    arm: str
+    control: str
+    metric: str
+    seeds: list[int]
+    differences: list[float]  # per seed; val_ppl in percent of the control, other metrics absolute
+    mean: float | None
+    se: float | None
+    shown: int  # +1 / -1 when the pass rule shows arm above / below the control, 0 when it does not
+
+
+def pass_rule(differences: list[float]) -> int:
+    """+1 or -1 when every difference has that sign and |mean| > 2·SE (n >= 2), else 0."""
+    if len(differences) < 2:
+        return 0
+    mean, se = mean_se(differences)
+    signs = {math.copysign(1, d) if d != 0 else 0 for d in differences}
+    if len(signs) != 1 or 0 in signs or se is None or abs(mean) <= 2 * se:
+        return 0
+    return int(signs.pop())
+
+
+def compare(runs: dict[tuple[str, int], RunResult], arm: str, control: str, metric: str) -> Comparison:
+    seeds = sorted(s for (k, s) in runs if k == arm and (control, s) in runs)
+    differences = []
+    for seed in seeds:
+        a, c = getattr(runs[(arm, seed)], metric), getattr(runs[(control, seed)], metric)
+        if a is None or c is None or not (math.isfinite(a) and math.isfinite(c)):
+            continue
+        differences.append(100.0 * (a / c - 1.0) if metric == "val_ppl" else float(a - c))
+    mean, se = mean_se(differences) if differences else (None, None)
+    return Comparison(arm, control, metric, seeds, differences, mean, se, pass_rule(differences))
+
+
+def verdict(finding: Finding, runs: dict[tuple[str, int], RunResult]) -> tuple[str, Comparison]:
+    """``reproduces`` / ``does not reproduce`` / ``opposite`` / ``untested (...)`` with the comparison behind it."""
+    comparison = compare(runs, finding.arm, finding.control, finding.metric)
+    if len(comparison.differences) < 2:
+        return f"untested ({len(comparison.differences)} paired seed(s))", comparison
+    arm_runs = [r for (k, _), r in runs.items() if k == finding.arm]
+    if all(r.leaves_uniform_step is None for r in arm_runs):
+        return "untested (attention never left uniform)", comparison
+    if comparison.shown == finding.expected:
+        return "reproduces", comparison
+    if comparison.shown == -finding.expected:
+        return "opposite", comparison
+    return "does not reproduce (no difference by the pass rule)", comparison
+
+
+def _pm(mean: float | None, se: float | None, spec: str) -> str:
+    if mean is None:
+        return "-"
+    return f"{mean:{spec}}" + (f" ± {se:{spec}}" if se is not None else "")
+
+
+def arms_table(arms: list[Arm], runs: dict[tuple[str, int], RunResult]) -> str:
+    """Markdown: per arm, mean ± SE over seeds and the paired difference against its control."""
     header = [
         "arm",
-        "val loss",
-        "val ppl",
-        "Δ ppl vs baseline",
-        "diverged (NaN)",
+        "seeds",
+        "val ppl (mean ± SE)",
+        "vs control",
+        "Δ ppl, paired (mean ± SE)",
+        "per seed",
+        "shown",
+        "leaves uniform at step",
+        "top-bin share",
         "collapsed layers",
-        *bins,
         "layer means (nats)",
-        "tokens/s",
+        "tokens",
+        "min/run",
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    base = next((r.val_ppl for r in results if r.key == "sm_ln_g"), None)
-    for r in results:
-        delta = "-"
-        if base and r.val_ppl is not None and math.isfinite(r.val_ppl):
-            delta = f"{100 * (r.val_ppl / base - 1):+.1f}%"
-        diverged = "yes" if r.diverged else "no"
-        if r.first_nonfinite_step is not None:
-            diverged += f" (step {r.first_nonfinite_step})"
-        cells = [
-            r.label,
-            _fmt(r.val_loss, ".3f"),
-            _fmt(r.val_ppl, ".1f"),
-            delta,
-            diverged,
-            ", ".join(map(str, r.collapsed_layers)) or "-",
-            *(f"{100 * s:.0f}%" for s in r.bin_shares),
-            " / ".join(_fmt(v, ".2f") for v in r.layer_means),
-            _fmt(r.tokens_per_sec, ".0f"),
+    for arm in arms:
+        mine = sorted((r for (k, _), r in runs.items() if k == arm.key), key=lambda r: r.seed)
+        if not mine:
+            continue
+        ppl = [r.val_ppl for r in mine if r.val_ppl is not None and math.isfinite(r.val_ppl)]
+        cells = [arm.label, ",".join(str(r.seed) for r in mine), _pm(*mean_se(ppl), ".1f") if ppl else "-"]
+        if arm.control and any(k == arm.control for k, _ in runs):
+            c = compare(runs, arm.key, arm.control, "val_ppl")
+            shown = {1: "higher", -1: "lower", 0: "no"}[c.shown] if len(c.differences) >= 2 else "-"
+            cells += [
+                ARMS_BY_KEY[arm.control].label,
+                _pm(c.mean, c.se, "+.1f") + ("%" if c.mean is not None else ""),
+                " / ".join(f"{d:+.1f}%" for d in c.differences) or "-",
+                shown,
+            ]
+        else:
+            cells += ["-", "-", "-", "-"]
+        leaves = [r.leaves_uniform_step for r in mine]
+        layer_means = np.mean([r.layer_means for r in mine], axis=0)
+        walls = [r.wall_minutes for r in mine if r.wall_minutes is not None]
+        cells += [
+            " / ".join("never" if s is None else str(s) for s in leaves),
+            f"{100 * np.mean([r.top_bin for r in mine]):.0f}%",
+            _fmt(float(np.mean([r.collapsed for r in mine])), ".1f"),
+            " / ".join(f"{v:.2f}" for v in layer_means),
+            f"{mine[0].tokens / 1e6:.1f}M" if mine[0].tokens else "-",
+            f"{np.mean(walls):.0f}" if walls else "-",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-# ---------------------------------------------------------------------------------------------------- figures
-def plot_bins(results: list[ArmResult], path: Path) -> Path:
-    """Grouped bars: share of heads per entropy bin, one bar per arm (the paper's Fig. 2a)."""
-    fig = new_figure(10, 4)
-    ax = fig.add_subplot(1, 1, 1)
-    width = 0.8 / len(results)
-    for i, r in enumerate(results):
-        ax.bar(
-            np.arange(4) + (i - (len(results) - 1) / 2) * width, np.asarray(r.bin_shares) * 100, width, label=r.label
+def findings_table(runs: dict[tuple[str, int], RunResult]) -> tuple[str, list[dict]]:
+    """Markdown: the verdict on each finding, and the same as records for results.json."""
+    units = {"val_ppl": "% ppl", "top_bin": " share", "collapsed": " layers"}
+    lines = [
+        "| # | claim | arm vs control | metric | paired difference (mean ± SE) | per seed | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    records = []
+    for finding in FINDINGS:
+        text, c = verdict(finding, runs)
+        spec = "+.1f" if finding.metric == "val_ppl" else "+.2f"
+        lines.append(
+            f"| {finding.number} | {finding.claim} | {ARMS_BY_KEY[finding.arm].label} vs "
+            f"{ARMS_BY_KEY[finding.control].label} | {finding.metric} | "
+            f"{_pm(c.mean, c.se, spec)}{units[finding.metric] if c.mean is not None else ''} | "
+            f"{' / '.join(f'{d:{spec}}' for d in c.differences) or '-'} | {text} |"
         )
-    ax.set_xticks(range(4))
-    ax.set_xticklabels(["[0, max/4)", "[max/4, max/2)", "[max/2, 3max/4)", "[3max/4, max]"])
-    ax.set_ylabel("share of heads (%)")
-    ax.set_title(f"final per-head entropy bins (max = causal maximum, {results[0].entropy_max:.2f} nats)")
-    ax.legend(fontsize=7, ncol=2)
-    ax.grid(axis="y", alpha=0.3)
-    return save_figure(fig, path)
+        records.append({**asdict(finding), "verdict": text, "comparison": asdict(c)})
+    return "\n".join(lines) + "\n", records
 
 
-def plot_losses(results: list[ArmResult], curves: dict[str, dict], path: Path) -> Path:
-    """Training and validation loss against the step, one line per arm (the paper's Fig. 2b)."""
-    fig = new_figure(11, 4)
-    for col, (key, title) in enumerate((("train_loss", "training loss"), ("val_loss", "validation loss"))):
-        ax = fig.add_subplot(1, 2, col + 1)
-        for r in results:
-            steps, values = curves[r.key][key]
-            ax.plot(steps, values, marker="o" if key == "val_loss" else None, label=r.label)
-        ax.set_xlabel("step")
-        ax.set_ylabel("cross-entropy (nats)")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    return save_figure(fig, path)
-
-
+# ---------------------------------------------------------------------------------------------------- figures
 def _layer_colors(n_layer: int) -> list:
-    """One color per layer from a sequential colormap (first layer dark, last light), so deep models stay legible."""
+    """One color per layer from a sequential colormap (first layer dark, last light)."""
     from matplotlib import colormaps
 
     return [colormaps["viridis"](x) for x in np.linspace(0.0, 0.9, max(n_layer, 2))]
 
 
-def plot_layer_entropy(results: list[ArmResult], curves: dict[str, dict], path: Path) -> Path:
-    """Layerwise mean entropy against the step, one panel per arm (the paper's Fig. 5)."""
+def plot_layer_entropy(arms: list[Arm], curves: dict, runs: dict, path: Path) -> Path:
+    """Layerwise mean entropy over the steps, one panel per arm, first seed (the paper's Fig. 5)."""
+    shown = [a for a in arms if any((a.key, s) in curves for s in range(100))]
     cols = 4
-    rows = math.ceil(len(results) / cols)
+    rows = math.ceil(len(shown) / cols)
     fig = new_figure(4 * cols, 3 * rows)
-    for i, r in enumerate(results):
+    for i, arm in enumerate(shown):
+        seed = min(s for (k, s) in curves if k == arm.key)
+        layers = curves[(arm.key, seed)]["layers"]
+        top = runs[(arm.key, seed)].entropy_max
         ax = fig.add_subplot(rows, cols, i + 1)
-        layers = curves[r.key]["layers"]
-        colors = _layer_colors(len(layers))
         for layer, (steps, values) in enumerate(layers):
-            ax.plot(steps, values, color=colors[layer], label=f"L{layer}")
-        ax.axhline(r.entropy_max, color="grey", linestyle=":", linewidth=1)
-        ax.set_ylim(0, r.entropy_max * 1.05)
-        ax.set_title(r.label, fontsize=9)
+            ax.plot(steps, values, color=_layer_colors(len(layers))[layer], label=f"L{layer}")
+        ax.axhline(top, color="grey", linestyle=":", linewidth=1)
+        ax.axhline(UNIFORM_FRACTION * top, color="grey", linestyle="--", linewidth=0.8)
+        ax.set_ylim(0, top * 1.05)
+        ax.set_title(f"{arm.label} (seed {seed})", fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.set_ylabel("mean entropy (nats)", fontsize=8)
         ax.grid(alpha=0.3)
         if i == 0:
-            ax.legend(fontsize=6, ncol=2 if len(layers) > 6 else 1)
+            ax.legend(fontsize=6)
     return save_figure(fig, path)
 
 
-def plot_heatmaps(results: list[ArmResult], path: Path) -> Path:
-    """Final layer × head mean entropy, one heatmap per arm (the paper's Fig. 3)."""
-    cols = 5
-    rows = math.ceil(len(results) / cols)
-    fig = new_figure(3.2 * cols, 2.8 * rows)
-    top = results[0].entropy_max
-    for i, r in enumerate(results):
-        ax = fig.add_subplot(rows, cols, i + 1)
-        data = np.asarray(r.head_means, dtype=np.float64)
-        image = ax.imshow(np.ma.masked_invalid(data), cmap="cividis", vmin=0, vmax=top, aspect="auto")
+def plot_losses(arms: list[Arm], curves: dict, path: Path) -> Path:
+    """Training and validation loss: mean over seeds, with a band from the lowest to the highest seed."""
+    fig = new_figure(12, 4.5)
+    for col, (key, title) in enumerate((("train_loss", "training loss"), ("val_loss", "validation loss"))):
+        ax = fig.add_subplot(1, 2, col + 1)
+        for arm in arms:
+            series = [c[key] for (k, _), c in curves.items() if k == arm.key and c[key][0]]
+            if not series:
+                continue
+            length = min(len(s[0]) for s in series)
+            steps = series[0][0][:length]
+            values = np.asarray([s[1][:length] for s in series])
+            (line,) = ax.plot(steps, values.mean(axis=0), marker="o" if key == "val_loss" else None, label=arm.label)
+            if len(series) > 1:
+                ax.fill_between(steps, values.min(axis=0), values.max(axis=0), color=line.get_color(), alpha=0.2)
+        ax.set_xlabel("step")
+        ax.set_ylabel("cross-entropy (nats)")
+        ax.set_title(f"{title} (mean over seeds; band: min-max)")
+        ax.grid(alpha=0.3)
+        if key == "train_loss":
+            ax.set_ylim(top=min(ax.get_ylim()[1], 8.0))
+    ax.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
+def plot_bins(arms: list[Arm], runs: dict, path: Path) -> Path:
+    """Share of heads per entropy bin, mean over seeds, one bar per arm (the paper's Fig. 2a)."""
+    shown = [(a, [r for (k, _), r in runs.items() if k == a.key]) for a in arms]
+    shown = [(a, rs) for a, rs in shown if rs]
+    fig = new_figure(11, 4)
+    ax = fig.add_subplot(1, 1, 1)
+    width = 0.8 / max(len(shown), 1)
+    for i, (arm, rs) in enumerate(shown):
+        shares = np.mean([r.bin_shares for r in rs], axis=0) * 100
+        ax.bar(np.arange(4) + (i - (len(shown) - 1) / 2) * width, shares, width, label=arm.label)
+    ax.set_xticks(range(4))
+    ax.set_xticklabels(["[0, max/4)", "[max/4, max/2)", "[max/2, 3max/4)", "[3max/4, max]"])
+    ax.set_ylabel("share of heads (%)")
+    ax.set_title("final per-head entropy bins, mean over seeds (max = causal maximum)")
+    ax.legend(fontsize=6, ncol=3)
+    ax.grid(axis="y", alpha=0.3)
+    return save_figure(fig, path)
+
+
+def plot_thresholds(arms: list[Arm], runs: dict, path: Path) -> Path | None:
+    """Learned θ (fraction of log T) per layer and head at the end of training, first seed (the paper's Fig. 6)."""
+    shown = []
+    for arm in arms:
+        seeds = sorted(s for (k, s) in runs if k == arm.key and runs[(k, s)].thresholds is not None)
+        if seeds and arm.recipe == "ereg_sm_t_scfuffn":
+            shown.append((arm, runs[(arm.key, seeds[0])]))
+    if not shown:
+        return None
+    fig = new_figure(3.4 * len(shown), 3)
+    for i, (arm, run) in enumerate(shown):
+        data = np.asarray(run.thresholds, dtype=np.float64)
+        ax = fig.add_subplot(1, len(shown), i + 1)
+        image = ax.imshow(data, cmap="magma", vmin=0, vmax=1, aspect="auto")
         for layer in range(data.shape[0]):
             for head in range(data.shape[1]):
-                value = data[layer, head]
-                ax.text(head, layer, f"{value:.1f}", ha="center", va="center", fontsize=7,
-                        color="black" if np.isfinite(value) and value > top / 2 else "white")  # fmt: skip
-        ax.set_title(r.label, fontsize=9)
+                ax.text(head, layer, f"{data[layer, head]:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if data[layer, head] < 0.5 else "black")  # fmt: skip
+        ax.set_title(f"{arm.label} (seed {run.seed})", fontsize=8)
         ax.set_xlabel("head", fontsize=8)
         ax.set_ylabel("layer", fontsize=8)
-    fig.colorbar(image, ax=fig.axes, label="entropy (nats)", shrink=0.8)
+    fig.colorbar(image, ax=fig.axes, label="θ (fraction of log T)", shrink=0.8)
     return save_figure(fig, path)
 
 
@@ -377,65 +625,120 @@ def _parse_overrides(pairs: list[str]) -> dict[str, object]:
     return overrides
 
 
-def select_arms(names: str | None, loss_coeffs: list[float]) -> list[Arm]:
-    """The arms to run: all (default) or a comma-separated subset, plus one arm per extra lambda."""
-    arms = list(ARMS)
-    if names:
-        known = {a.key: a for a in ARMS}
-        wanted = [n.strip() for n in names.split(",") if n.strip()]
-        unknown = [n for n in wanted if n not in known]
-        if unknown:
-            raise ValueError(f"unknown arm(s) {unknown}; known: {sorted(known)}")
-        arms = [known[n] for n in wanted]
-    return arms + [lambda_arm(float(c)) for c in loss_coeffs]
+def _parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds must be distinct integers >= 0 separated by commas, e.g. 0,1,2; got {text!r}")
+    return seeds
+
+
+def select_arms(names: str | None) -> list[Arm]:
+    """All arms (default) or a comma-separated subset, in the given order."""
+    if not names:
+        return list(ARMS)
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in wanted if n not in ARMS_BY_KEY]
+    if unknown:
+        raise ValueError(f"unknown arm(s) {unknown}; known: {sorted(ARMS_BY_KEY)}")
+    return [ARMS_BY_KEY[n] for n in wanted]
+
+
+def write_report(arms: list[Arm], out: Path, docs: Path, overrides: dict, *, log) -> int:
+    """Tabulates every finished run of ``arms`` (and their controls) into ``docs``; returns 1 if none."""
+    keys = {a.key for a in arms} | {a.control for a in arms if a.control}
+    keys |= {f.control for f in FINDINGS if f.arm in keys}
+    ordered = [a for a in ARMS if a.key in keys]
+    runs: dict[tuple[str, int], RunResult] = {}
+    curves: dict[tuple[str, int], dict] = {}
+    for arm in ordered:
+        for seed_dir in sorted((out / arm.key).glob("seed*")):
+            seed = int(seed_dir.name[4:])
+            if _finished_steps(seed_dir) is None:
+                continue
+            runs[(arm.key, seed)], curves[(arm.key, seed)] = collect_run(arm.key, seed, seed_dir)
+    if not runs:
+        log("no finished run to report")
+        return 1
+    table = arms_table(ordered, runs)
+    findings, records = findings_table(runs)
+    atomic_write_text(docs / "results.md", table + "\n" + findings)
+    atomic_write_json(
+        docs / "results.json",
+        {
+            "regime": REGIME,
+            "overrides": overrides,
+            "uniform_fraction": UNIFORM_FRACTION,
+            "runs": [asdict(r) for r in runs.values()],
+            "findings": records,
+        },
+    )
+    figures = [
+        plot_bins(ordered, runs, docs / "entropy_bins.png"),
+        plot_losses(ordered, curves, docs / "loss_curves.png"),
+        plot_layer_entropy(ordered, curves, runs, docs / "layer_entropy.png"),
+        plot_thresholds(ordered, runs, docs / "thresholds.png"),
+    ]
+    for figure in figures:
+        if figure is not None:
+            log(f"wrote {figure}")
+    print(table + "\n" + findings)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="runs/repro-cpu", help="directory of the arms' runs")
+    parser.add_argument("--out", default="runs/study", help="directory of the runs: <out>/<arm>/seed<k>")
     parser.add_argument("--docs", default="docs/reproduction", help="directory for results.md/json and figures")
-    parser.add_argument("--arms", default=None, help=f"comma-separated subset of {[a.key for a in ARMS]}")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per arm (default: the recipes')")
-    parser.add_argument("--loss-coeff", type=float, action="append", default=[], help="extra EReg arm with this λ")
+    parser.add_argument("--arms", default=None, help=f"comma-separated subset of {list(ARMS_BY_KEY)}")
+    parser.add_argument("--seeds", default="0,1", help="comma-separated seeds (default 0,1)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each (default 2)")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the regime's)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override, dotted")
-    parser.add_argument("--report-only", action="store_true", help="skip training; tabulate finished arms")
+    parser.add_argument("--report-only", action="store_true", help="skip training; tabulate finished runs")
     args = parser.parse_args(argv)
     if args.steps is not None and args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
     try:
-        arms = select_arms(args.arms, args.loss_coeff)
+        arms = select_arms(args.arms)
+        seeds = _parse_seeds(args.seeds)
         overrides = _parse_overrides(args.set)
         out = (REPO / args.out) if not Path(args.out).is_absolute() else Path(args.out)
-        recipes = {a.key: arm_recipe(a, out / a.key, steps=args.steps, overrides=overrides) for a in arms}
+        plan = [
+            (arm, seed, run_recipe(arm, seed, out / arm.key / f"seed{seed}", steps=args.steps, overrides=overrides))
+            for seed in seeds
+            for arm in arms
+        ]
     except (ValueError, KeyError, FileNotFoundError) as error:
         parser.error(str(error.args[0] if isinstance(error, KeyError) else error))
+    docs = (REPO / args.docs) if not Path(args.docs).is_absolute() else Path(args.docs)
+    lock = threading.Lock()
 
     def log(message: str) -> None:
-        print(f"{time.strftime('%H:%M:%S')} {message}", flush=True)
+        with lock:
+            print(f"{time.strftime('%H:%M:%S')} {message}", flush=True)
 
     if not args.report_only:
-        for arm in arms:
-            train_arm(arm, out / arm.key, recipes[arm.key], log=log)
-    finished = [a for a in arms if (out / a.key / "report.json").is_file()]
-    if not finished:
-        log("no finished arm to report")
-        return 1
-    collected = [collect(a, out / a.key, recipes[a.key]) for a in finished]
-    results = [r for r, _ in collected]
-    curves = {r.key: c for r, c in collected}
-    docs = (REPO / args.docs) if not Path(args.docs).is_absolute() else Path(args.docs)
-    table = results_table(results)
-    atomic_write_text(docs / "results.md", table)
-    atomic_write_json(docs / "results.json", {"arms": [asdict(r) for r in results], "overrides": overrides})
-    for figure in (
-        plot_bins(results, docs / "entropy_bins.png"),
-        plot_losses(results, curves, docs / "loss_curves.png"),
-        plot_layer_entropy(results, curves, docs / "layer_entropy.png"),
-        plot_heatmaps(results, docs / "head_heatmaps.png"),
-    ):
-        log(f"wrote {figure}")
-    print(table)
-    return 0
+        prepare_data(plan[0][2])
+        failures = []
+
+        def run(item: tuple[Arm, int, dict]) -> None:
+            arm, seed, recipe = item
+            try:
+                train_run(arm.key, seed, out / arm.key / f"seed{seed}", recipe, log=log)
+            except RuntimeError as error:  # one failed run must not stop the others
+                log(str(error))
+                failures.append(str(error))
+
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            list(pool.map(run, plan))
+        if failures:
+            log(f"{len(failures)} run(s) failed")
+    return write_report(arms, out, docs, overrides, log=log)
 
 
 if __name__ == "__main__":

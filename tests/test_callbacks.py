@@ -287,11 +287,6 @@ def test_resume_gives_same_thresholds_and_next_loss(tmp_path):
     assert len(resumed_cbs[0].history) == len(full_probe.losses)  # monitor history came back with the checkpoint
 
 
-def test_schedule_delay_and_warmup():
-    reg = EntropyRegularization(loss_coeff=1.0, start_step=10, warmup_steps=4)
-    assert [reg.coeff_at(s) for s in (0, 9, 10, 11, 13, 100)] == [0.0, 0.0, 0.25, 0.5, 1.0, 1.0]
-
-
 def test_figures_are_valid_pngs(tmp_path):
     import matplotlib.image
 

@@ -1,4 +1,5 @@
-"""scripts/reproduce_cpu.py: arms train through the CLI, finished arms are skipped, results and figures are written."""
+"""scripts/reproduce_cpu.py: runs train through the CLI per (arm, seed), finished runs are skipped, and the report
+gives mean ± SE, paired differences and verdicts by the pass rule."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
-# A tiny model on a 40-file slice of the corpus, so two arms train in seconds.
+# A tiny model on a 40-file slice of the corpus, so the runs train in seconds.
 TINY = [
     "--set=model.n_layer=2",
     "--set=model.n_embd=32",
@@ -21,6 +22,7 @@ TINY = [
     "--set=data.batch_size=4",
     "--set=data.max_files=40",
     "--set=data.vocab_size=512",
+    "--set=data.val_fraction=0.2",
     "--set=trainer.val_check_interval=2",
     "--set=trainer.limit_val_batches=2",
     "--set=trainer.log_every_n_steps=2",
@@ -37,10 +39,14 @@ def repro():
 
 
 @pytest.mark.slow
-def test_two_arms_train_report_and_are_skipped_when_rerun(repro, tmp_path, capsys):
+def test_seeded_arms_train_report_and_are_skipped_when_rerun(repro, tmp_path, capsys):
     args = [
         "--arms",
-        "sm_ln_g,sm",
+        "sm_ln_g,sm,ereg",
+        "--seeds",
+        "0,1",
+        "--jobs",
+        "2",
         "--steps",
         "4",
         *TINY,
@@ -50,36 +56,80 @@ def test_two_arms_train_report_and_are_skipped_when_rerun(repro, tmp_path, capsy
         str(tmp_path / "docs"),
     ]
     assert repro.main(args) == 0
-    results = json.loads((tmp_path / "docs" / "results.json").read_text())["arms"]
-    assert [r["key"] for r in results] == ["sm_ln_g", "sm"]
-    for r in results:
+    results = json.loads((tmp_path / "docs" / "results.json").read_text())
+    runs = {(r["key"], r["seed"]): r for r in results["runs"]}
+    # ereg's control sm_t_scfuffn is reported only if it ran: it did not
+    assert set(runs) == {(k, s) for k in ("sm_ln_g", "sm", "ereg") for s in (0, 1)}
+    for r in runs.values():
         assert r["steps"] == 4
-        assert r["tokens"] == 4 * 4 * 32  # steps x batch x block: the same token budget for every arm
+        assert r["tokens"] == 4 * 4 * 32  # steps x batch x block: the same token budget for every run
         assert sum(r["bin_shares"]) == pytest.approx(1.0)
         assert len(r["head_means"]) == 2 and len(r["head_means"][0]) == 4  # [L, H]
         assert 0 < r["val_ppl"] < 512 * 2  # a real validation pass ran (vocab 512)
-    assert results[0]["arch"] == "SM+LN+G" and results[1]["arch"] == "SM"
+        assert r["wall_minutes"] > 0
+    assert runs[("sm", 0)]["val_ppl"] != runs[("sm", 1)]["val_ppl"]  # the seed changes init and data order
+    assert runs[("ereg", 0)]["thresholds"] is not None and runs[("sm", 0)]["thresholds"] is None
+    recipe = (tmp_path / "runs" / "sm" / "seed1" / "recipe.yaml").read_text()
+    assert "seed_everything: 1338" in recipe
+    assert len(results["findings"]) == len(repro.FINDINGS)
     table = (tmp_path / "docs" / "results.md").read_text()
-    assert "SM+LN+G (baseline)" in table and "SM (softmax-only)" in table
-    for name in ("entropy_bins", "loss_curves", "layer_entropy", "head_heatmaps"):
+    assert "SM+LN+G (baseline)" in table and "SM (softmax-only)" in table and "| 0,1 |" in table
+    for name in ("entropy_bins", "loss_curves", "layer_entropy", "thresholds"):
         assert (tmp_path / "docs" / f"{name}.png").read_bytes()[:8] == PNG_MAGIC
-    trained_log = (tmp_path / "runs" / "sm" / "train.log").read_text()
+    trained_log = (tmp_path / "runs" / "sm" / "seed0" / "train.log").read_text()
 
     capsys.readouterr()
     assert repro.main(args) == 0  # second run: nothing retrains
     out = capsys.readouterr().out
-    assert "[sm_ln_g] finished earlier (4 steps), skipped" in out and "[sm] finished earlier" in out
-    assert (tmp_path / "runs" / "sm" / "train.log").read_text() == trained_log
+    assert "[sm_ln_g/seed0] finished earlier (4 steps), skipped" in out and "[sm/seed1] finished earlier" in out
+    assert (tmp_path / "runs" / "sm" / "seed0" / "train.log").read_text() == trained_log
 
 
-def test_unknown_arm_is_rejected_before_anything_runs(repro, tmp_path, capsys):
+def test_pass_rule(repro):
+    assert repro.pass_rule([1.0, 1.2, 0.9]) == 1
+    assert repro.pass_rule([-1.0, -1.2, -0.9]) == -1
+    assert repro.pass_rule([1.0, -0.1, 2.0]) == 0  # signs differ
+    assert repro.pass_rule([0.1, 5.0, 0.2]) == 0  # same sign but |mean| <= 2 SE
+    assert repro.pass_rule([3.0]) == 0  # one seed shows nothing
+    assert repro.pass_rule([0.0, 1.0, 1.0]) == 0
+
+
+def _run(repro, key, seed, ppl, leaves=100):
+    return repro.RunResult(
+        key=key, seed=seed, steps=10, tokens=10, val_loss=1.0, val_ppl=ppl, diverged=False, wall_minutes=1.0,
+        tokens_per_sec=1.0, bin_shares=[0, 0, 0, 1], top_bin=1.0, layer_means=[1.0], head_means=[[1.0]],
+        entropy_max=3.0, collapsed=0, leaves_uniform_step=leaves, thresholds=None,
+    )  # fmt: skip
+
+
+def test_verdicts_follow_the_pass_rule_and_uniform_attention_is_untested(repro):
+    finding = next(f for f in repro.FINDINGS if f.arm == "ereg")
+    control = {("sm_t_scfuffn", s): _run(repro, "sm_t_scfuffn", s, 100.0 + s) for s in range(3)}
+    better = {("ereg", s): _run(repro, "ereg", s, 95.0 + s) for s in range(3)}
+    text, comparison = repro.verdict(finding, {**control, **better})
+    assert text == "reproduces" and comparison.differences == pytest.approx([-5.0, -5 / 1.01, -5 / 1.02])
+    worse = {("ereg", s): _run(repro, "ereg", s, 110.0 + s) for s in range(3)}
+    assert repro.verdict(finding, {**control, **worse})[0] == "opposite"
+    mixed = {("ereg", s): _run(repro, "ereg", s, p) for s, p in enumerate((99.0, 103.0, 102.5))}
+    assert repro.verdict(finding, {**control, **mixed})[0].startswith("does not reproduce")
+    uniform = {("ereg", s): _run(repro, "ereg", s, 90.0, leaves=None) for s in range(3)}
+    assert repro.verdict(finding, {**control, **uniform})[0] == "untested (attention never left uniform)"
+    one = {("ereg", 0): better[("ereg", 0)]}
+    assert repro.verdict(finding, {**control, **one})[0] == "untested (1 paired seed(s))"
+
+
+def test_unknown_arm_and_bad_seeds_are_rejected_before_anything_runs(repro, tmp_path, capsys):
     with pytest.raises(SystemExit):
         repro.main(["--arms", "sm,sm_gelu", "--out", str(tmp_path / "runs")])
     assert "unknown arm(s) ['sm_gelu']" in capsys.readouterr().err
+    for seeds in ("0,0", "-1", "a,b", ""):
+        with pytest.raises(SystemExit):
+            repro.main(["--seeds", seeds, "--out", str(tmp_path / "runs")])
+        assert "--seeds must be distinct integers >= 0" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
 
 
-def test_bad_override_and_steps_are_rejected(repro, tmp_path, capsys):
+def test_bad_override_steps_and_jobs_are_rejected(repro, tmp_path, capsys):
     with pytest.raises(SystemExit):
         repro.main(["--set", "trainer", "--out", str(tmp_path / "runs")])
     assert "must be KEY=VALUE" in capsys.readouterr().err
@@ -89,24 +139,22 @@ def test_bad_override_and_steps_are_rejected(repro, tmp_path, capsys):
     with pytest.raises(SystemExit):
         repro.main(["--steps", "0", "--out", str(tmp_path / "runs")])
     assert "--steps must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        repro.main(["--jobs", "0", "--out", str(tmp_path / "runs")])
+    assert "--jobs must be >= 1, got 0" in capsys.readouterr().err
 
 
-def test_lambda_arm_sets_the_regularization_weight(repro, tmp_path):
-    arm = repro.lambda_arm(0.3)
-    recipe = repro.arm_recipe(arm, tmp_path / arm.key, steps=10, overrides={})
-    (reg,) = [c for c in recipe["trainer"]["callbacks"] if c["class_path"].endswith("EntropyRegularization")]
-    assert reg["init_args"]["loss_coeff"] == 0.3
-    assert recipe["trainer"]["max_steps"] == 10
-    assert recipe["trainer"]["default_root_dir"] == str(tmp_path / arm.key)
-    with pytest.raises(ValueError, match=r"must be a finite number > 0, got -1\.0"):
-        repro.lambda_arm(-1.0)
-    no_reg = repro.Arm("x", "sm", "SM", loss_coeff=0.1)
-    with pytest.raises(ValueError, match="has no EntropyRegularization"):
-        repro.arm_recipe(no_reg, tmp_path / "x", steps=None, overrides={})
-
-
-def test_every_arm_has_a_recipe(repro, tmp_path):
+def test_every_arm_has_a_recipe_in_the_regime_with_its_seed(repro, tmp_path):
     for arm in repro.ARMS:
-        recipe = repro.arm_recipe(arm, tmp_path / arm.key, steps=None, overrides={})
-        assert recipe["trainer"]["max_steps"] == 600  # the same token budget for every arm
-        assert recipe["seed_everything"] == 1337
+        recipe = repro.run_recipe(arm, 2, tmp_path / arm.key, steps=None, overrides={})
+        assert recipe["trainer"]["max_steps"] == 1500  # the same token budget for every arm
+        assert recipe["data"]["batch_size"] * recipe["data"]["block_size"] == 32 * 128
+        assert recipe["model"]["n_layer"] == 6 and recipe["data"]["vocab_size"] == 2048
+        assert recipe["seed_everything"] == 1339 and recipe["data"]["seed"] == 2
+        regs = [c for c in recipe["trainer"]["callbacks"] if c["class_path"].endswith("EntropyRegularization")]
+        assert bool(regs) == (arm.recipe == "ereg_sm_t_scfuffn")
+        if arm.regularization is not None:
+            assert regs[0]["init_args"] == arm.regularization
+        assert arm.control is None or arm.control in repro.ARMS_BY_KEY
+    for finding in repro.FINDINGS:
+        assert finding.arm in repro.ARMS_BY_KEY and finding.control in repro.ARMS_BY_KEY

@@ -16,7 +16,7 @@ from typing_extensions import override
 
 from entropic.callbacks.plotting import plot_bin_histogram, plot_head_heatmap, plot_layer_history
 from entropic.functional import entropic_overload, entropy_bin_shares, entropy_collapse
-from entropic.regularizer import collect_row_entropies, prepare_model
+from entropic.regularizer import collect_row_entropies, prepare_model, query_mask_from_batch
 
 __all__ = ["AttentionEntropyMonitor"]
 
@@ -29,7 +29,7 @@ class AttentionEntropyMonitor(Callback):
     At ``setup`` it makes the module's model record per-row entropies: our models always do, and Hugging Face
     models that run sdpa or eager attention are switched to the entropic attention (said once, on rank zero).
     After every training batch it adds the batch's detached row entropies to per-(layer, head) sums and counts
-    (mean over batch rows and query positions). At the Trainer's log cadence (``log_every_n_steps``) the sums and
+    (mean over batch rows and query positions; queries where the batch's ``attention_mask`` is 0 are left out). At the Trainer's log cadence (``log_every_n_steps``) the sums and
     counts are all-reduced over DDP ranks, so the logged value is the mean over all ranks' batches since the last
     log, and logged to every configured logger at step ``trainer.fit_loop.epoch_loop._batches_that_stepped``:
 
@@ -151,10 +151,16 @@ class AttentionEntropyMonitor(Callback):
                 )
                 self._warned_empty = True
             return
+        query_mask = query_mask_from_batch(batch)  # padded queries are left out of the means
         with torch.no_grad():
             stacked = torch.stack([e.detach().to(torch.float64) for e in entropies])  # [L, B, H, T]
-            sums = stacked.sum(dim=(1, 3))  # [L, H]
-            rows = stacked.shape[1] * stacked.shape[3]
+            if query_mask is None:
+                sums = stacked.sum(dim=(1, 3))  # [L, H]
+                rows = stacked.shape[1] * stacked.shape[3]
+            else:
+                keep = query_mask.to(stacked.device)[None, :, None, :]  # [1, B, 1, T]
+                sums = torch.where(keep, stacked, torch.zeros_like(stacked)).sum(dim=(1, 3))
+                rows = query_mask.sum().to(torch.float64)
             self._context = max(self._context, int(stacked.shape[3]))
             if self._sum is None or self._sum.shape != sums.shape:
                 self._sum = torch.zeros_like(sums)

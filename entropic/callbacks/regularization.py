@@ -24,8 +24,16 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
+from entropic.functional import (
+    DEFAULT_THRESHOLD,
+    entropy_and_max_totals,
+    head_entropy,
+    heads_in_band,
+)
+from entropic.penalty_schedule import THRESHOLD_INIT_OBSERVED, PenaltySchedule, check_threshold_init
 from entropic.regularizer import (
     THRESHOLDS_ATTR,
+    attention_logit_parameters,
     clear_row_entropies,
     collect_row_entropies,
     entropy_penalty_from_entropies,
@@ -33,6 +41,7 @@ from entropic.regularizer import (
     find_model_thresholds,
     make_thresholds,
     prepare_model,
+    query_mask_from_batch,
     validate_penalty_args,
 )
 
@@ -54,9 +63,16 @@ class EntropyRegularization(Callback):
     Note that a plain ``AdamW(self.parameters())`` also applies its weight decay to θ; exclude parameters whose
     name contains ``"threshold"`` from decay, or use ``param_group`` (weight decay 0 by default).
 
+    Padded queries (where the batch's ``attention_mask`` is 0) are left out of the penalty.
+
     Logged every step via ``pl_module.log`` (rank zero's value, no cross-rank sync):
     ``train/entropy_penalty`` (the unweighted penalty), ``train/entropy_penalty_weighted`` (λ_t·penalty, what is
-    added to the loss) and ``train/entropy_coeff`` (λ_t).
+    added to the loss) and ``train/entropy_coeff`` (λ_t). At the log cadence only (every ``log_every_n_steps``):
+    ``train/entropy_heads_in_band`` (share of heads within ±γ·E_max of their target) and, with
+    ``log_grad_ratio``, ``train/entropy_grad_ratio``: ‖∇(λ·penalty)‖ / ‖∇loss‖ over the parameters that shape the
+    attention logits (W_q, W_k or a fused qkv, temperatures), with the full λ, so it shows what the term does
+    to those weights against the language-model loss even before it starts (it costs about one extra backward pass
+    at each log step).
 
     Args:
         loss_coeff: λ. The paper uses 1e-5 (CodeParrot) and 5e-5 (Languini).
@@ -65,15 +81,20 @@ class EntropyRegularization(Callback):
         context_size: T in E_max = log T. None (default): the sequence length of each training batch, i.e. the
             last dimension of the recorded row entropies (the authors' code does the same).
         learnable_thresholds: θ trainable (a parameter) or fixed (a buffer).
-        threshold_init: initial θ, a float or an [L, H] tensor; default 0.5, the middle of [0, 1] and inside the
-            0.2-0.52 range of the paper's learned values (the paper does not state an init). Ignored when the
-            model owns thresholds.
+        threshold_init: initial θ: a float in [0, 1] or an [L, H] tensor (ignored when the model owns
+            thresholds; default :data:`entropic.functional.DEFAULT_THRESHOLD`), or ``"observed"``: at the step the
+            term starts, θ (the model's own or the callback's) is set to the head entropies of that step / log T,
+            averaged over all ranks, so every head starts on its target.
         param_group: False (default): rely on the user's optimizer. True, or a dict of group options (e.g.
             ``{"lr": 1e-2}``): add θ to the first optimizer as its own group (``weight_decay`` defaults to 0).
         start_step: optimizer step at which the term starts (before it, λ_t = 0).
         start_fraction: alternative to ``start_step``: a fraction of ``trainer.estimated_stepping_batches``
             (the authors' unreleased code started after 5-10% of the steps).
+        start_when_entropy_below: a gate in (0, 1]: from ``start_step`` on, the term starts at the first step
+            whose mean row entropy (layers, heads, real queries; averaged over ranks) is below this fraction of
+            its causal maximum, i.e. once attention has left uniform. None: no gate.
         warmup_steps: λ_t rises linearly from λ/warmup_steps to λ over this many steps after the start.
+        log_grad_ratio: log ``train/entropy_grad_ratio`` at the log cadence.
         num_layers, num_heads: L and H when they cannot be read from the model's config.
 
     Raises:
@@ -93,11 +114,13 @@ class EntropyRegularization(Callback):
         context_size: int | None = None,
         *,
         learnable_thresholds: bool = True,
-        threshold_init: float | torch.Tensor = 0.5,
+        threshold_init: float | torch.Tensor | str = DEFAULT_THRESHOLD,
         param_group: bool | Mapping[str, Any] = False,
         start_step: int = 0,
         start_fraction: float | None = None,
+        start_when_entropy_below: float | None = None,
         warmup_steps: int = 0,
+        log_grad_ratio: bool = True,
         num_layers: int | None = None,
         num_heads: int | None = None,
     ) -> None:
@@ -106,23 +129,30 @@ class EntropyRegularization(Callback):
             validate_penalty_args(tolerance, reduction, context_size)
         except ValueError as err:
             problems.append(str(err))
-        if not (isinstance(loss_coeff, (int, float)) and math.isfinite(loss_coeff) and loss_coeff >= 0):
-            problems.append(f"loss_coeff must be a finite float >= 0, got {loss_coeff!r}")
-        if not (isinstance(start_step, int) and start_step >= 0):
-            problems.append(f"start_step must be an int >= 0, got {start_step!r}")
-        if start_fraction is not None and not (isinstance(start_fraction, (int, float)) and 0 <= start_fraction < 1):
+        try:
+            schedule = PenaltySchedule(loss_coeff, start_step, start_when_entropy_below, warmup_steps)
+        except ValueError as err:
+            problems.append(str(err))
+        if start_fraction is not None and not (
+            isinstance(start_fraction, (int, float))
+            and not isinstance(start_fraction, bool)
+            and 0 <= start_fraction < 1
+        ):
             problems.append(f"start_fraction must be in [0, 1) or None, got {start_fraction!r}")
         if start_fraction is not None and start_step:
             problems.append(f"give start_step ({start_step}) or start_fraction ({start_fraction}), not both")
-        if not (isinstance(warmup_steps, int) and warmup_steps >= 0):
-            problems.append(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
         if not isinstance(param_group, (bool, Mapping)):
             problems.append(f"param_group must be a bool or a dict of optimizer group options, got {param_group!r}")
-        if isinstance(threshold_init, (int, float)) and not math.isfinite(threshold_init):
-            problems.append(f"threshold_init must be finite, got {threshold_init!r}")
+        try:
+            check_threshold_init(threshold_init)
+        except ValueError as err:
+            problems.append(str(err))
+        if not isinstance(log_grad_ratio, bool):
+            problems.append(f"log_grad_ratio must be a bool, got {log_grad_ratio!r}")
         if problems:
             raise MisconfigurationException("EntropyRegularization: " + "; ".join(problems))
-        self.loss_coeff = float(loss_coeff)
+        self.schedule = schedule
+        self.loss_coeff = schedule.loss_coeff
         self.tolerance = float(tolerance)
         self.reduction = reduction
         self.context_size = context_size
@@ -132,9 +162,11 @@ class EntropyRegularization(Callback):
         self.start_step = start_step
         self.start_fraction = start_fraction
         self.warmup_steps = warmup_steps
+        self.log_grad_ratio = log_grad_ratio
         self.num_layers = num_layers
         self.num_heads = num_heads
-        self._start: int | None = None if start_fraction is not None else start_step
+        self._start_resolved = start_fraction is None
+        self._query_mask: torch.Tensor | None = None
         self._thresholds: torch.Tensor | None = None
         self._wrapped: pl.LightningModule | None = None
         self._trainer: pl.Trainer | None = None
@@ -180,7 +212,8 @@ class EntropyRegularization(Callback):
                 "num_heads=, or give the model an `entropy_thresholds` [L, H] parameter."
             )
         try:
-            init = make_thresholds(*dims, self.threshold_init)
+            value = DEFAULT_THRESHOLD if self.threshold_init == THRESHOLD_INIT_OBSERVED else self.threshold_init
+            init = make_thresholds(*dims, value)
         except ValueError as err:
             raise MisconfigurationException(f"EntropyRegularization: {err}") from err
         try:
@@ -202,6 +235,7 @@ class EntropyRegularization(Callback):
         @functools.wraps(step)
         def training_step(*args: Any, **kwargs: Any) -> Any:
             clear_row_entropies(pl_module)
+            self._query_mask = query_mask_from_batch(args[0] if args else kwargs.get("batch"))
             return self._add_penalty(pl_module, step(*args, **kwargs))
 
         pl_module.training_step = training_step  # instance attribute shadows the class method
@@ -247,25 +281,67 @@ class EntropyRegularization(Callback):
         optimizer.add_param_group({"params": [theta], **options})
 
     # ------------------------------------------------------------------ the loss term
-    def _resolve_start(self, trainer: pl.Trainer) -> int:
-        if self._start is None:
-            total = trainer.estimated_stepping_batches
-            if not math.isfinite(total):
-                raise MisconfigurationException(
-                    f"EntropyRegularization(start_fraction={self.start_fraction}) needs a finite number of training "
-                    "steps (set max_steps or max_epochs with a sized dataloader), or use start_step="
-                )
-            self._start = int(self.start_fraction * total)
-        return self._start
+    def _resolve_start(self, trainer: pl.Trainer) -> None:
+        if self._start_resolved:
+            return
+        total = trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise MisconfigurationException(
+                f"EntropyRegularization(start_fraction={self.start_fraction}) needs a finite number of training "
+                "steps (set max_steps or max_epochs with a sized dataloader), or use start_step="
+            )
+        self.schedule.start_step = int(self.start_fraction * total)
+        self._start_resolved = True
 
     def coeff_at(self, step: int) -> float:
         """λ_t at optimizer step ``step`` (0 before the start, then a linear warm-up to ``loss_coeff``)."""
-        start = self._start if self._start is not None else self.start_step
-        if step < start:
-            return 0.0
-        if self.warmup_steps:
-            return self.loss_coeff * min(1.0, (step - start + 1) / self.warmup_steps)
-        return self.loss_coeff
+        return self.schedule.coeff(step)
+
+    @property
+    def started_at(self) -> int | None:
+        """The optimizer step at which the term started, or None."""
+        return self.schedule.started_at
+
+    def _reduced(self, trainer: pl.Trainer | None, value: torch.Tensor) -> torch.Tensor:
+        """``value`` summed over data-parallel ranks."""
+        if trainer is None or trainer.world_size == 1:
+            return value
+        return trainer.strategy.reduce(value, reduce_op="sum")
+
+    def _entropy_fraction(self, trainer: pl.Trainer | None, entropies: list[torch.Tensor]) -> float:
+        total, total_max = self._reduced(trainer, entropy_and_max_totals(entropies, self._query_mask)).tolist()
+        return total / total_max if total_max > 0 else 1.0
+
+    def _set_observed_thresholds(self, trainer: pl.Trainer | None, entropies: list[torch.Tensor]) -> None:
+        mask = self._query_mask
+        rows = float(mask.sum()) if mask is not None else entropies[0].shape[0] * entropies[0].shape[-1]
+        sums = head_entropy(entropies, mask).double() * rows  # [L, H]
+        packed = self._reduced(trainer, torch.cat([sums.flatten(), sums.new_tensor([rows])]))
+        means = (packed[:-1] / packed[-1].clamp_min(1)).view_as(sums)
+        context = self.context_size or int(entropies[0].shape[-1])
+        theta = self.thresholds
+        with torch.no_grad():
+            theta.copy_((means / math.log(context)).clamp(0.0, 1.0).to(theta.dtype))
+
+    def _is_log_step(self, trainer: pl.Trainer | None) -> bool:
+        return (
+            trainer is not None
+            and bool(getattr(trainer, "training", False))
+            and (trainer.global_step + 1) % max(1, trainer.log_every_n_steps) == 0
+        )
+
+    def _grad_ratio(self, pl_module: pl.LightningModule, loss: torch.Tensor, penalty: torch.Tensor) -> float | None:
+        """‖∇(λ·penalty)‖ / ‖∇loss‖ over the attention-logit parameters; None when either has no graph."""
+        params = attention_logit_parameters(pl_module)
+        if not params or not loss.requires_grad or not penalty.requires_grad:
+            return None
+
+        def norm(output: torch.Tensor) -> float:
+            grads = torch.autograd.grad(output, params, retain_graph=True, allow_unused=True)
+            return math.sqrt(sum(float(g.double().square().sum()) for g in grads if g is not None))
+
+        loss_norm = norm(loss)
+        return self.loss_coeff * norm(penalty) / loss_norm if loss_norm > 0 else None
 
     def _add_penalty(self, pl_module: pl.LightningModule, output: Any) -> Any:
         if output is None:  # the user skipped this batch
@@ -280,8 +356,6 @@ class EntropyRegularization(Callback):
         step = trainer.global_step if trainer is not None else 0
         if trainer is not None:
             self._resolve_start(trainer)
-        coeff = self.coeff_at(step)
-        theta = self.thresholds if self.learnable_thresholds else self.thresholds.detach()
         entropies = collect_row_entropies(pl_module)
         if not entropies:
             raise RuntimeError(
@@ -290,19 +364,40 @@ class EntropyRegularization(Callback):
                 "using the attention interface, switched at setup); custom attention modules need to call "
                 "entropic.ops.record_row_entropy."
             )
+        if self.schedule.maybe_start(step, lambda: self._entropy_fraction(trainer, entropies)):
+            if self.threshold_init == THRESHOLD_INIT_OBSERVED:
+                self._set_observed_thresholds(trainer, entropies)
+            rank_zero_info(f"EntropyRegularization: the penalty starts at step {step}.")
+        coeff = self.schedule.coeff(step)
+        theta = self.thresholds if self.learnable_thresholds else self.thresholds.detach()
         penalty = entropy_penalty_from_entropies(
-            entropies, theta, context_size=self.context_size, tolerance=self.tolerance, reduction=self.reduction
+            entropies,
+            theta,
+            context_size=self.context_size,
+            tolerance=self.tolerance,
+            reduction=self.reduction,
+            query_mask=self._query_mask,
         )
         # Always add the term, even with λ_t = 0, so θ stays in the graph (DDP expects every parameter used).
         total = loss + coeff * penalty.to(loss.dtype)
         detached = penalty.detach()
-        self.last_penalty, self.last_coeff = float(detached), coeff
+        self.last_penalty, self.last_coeff = None, coeff
         if trainer is not None and getattr(trainer, "training", False):
             batch_size = int(entropies[0].shape[0])
             log = functools.partial(pl_module.log, on_step=True, on_epoch=False, batch_size=batch_size)
             log("train/entropy_penalty", detached)
             log("train/entropy_penalty_weighted", coeff * detached)
             log("train/entropy_coeff", coeff)
+            if self._is_log_step(trainer):
+                self.last_penalty = float(detached)
+                context = self.context_size or int(entropies[0].shape[-1])
+                in_band = heads_in_band(
+                    head_entropy(entropies, self._query_mask), theta, context_size=context, tolerance=self.tolerance
+                )
+                log("train/entropy_heads_in_band", in_band)
+                ratio = self._grad_ratio(pl_module, loss, penalty) if self.log_grad_ratio else None
+                if ratio is not None:
+                    log("train/entropy_grad_ratio", ratio)
         if isinstance(output, Mapping):
             return {**output, "loss": total}
         return total
@@ -311,7 +406,8 @@ class EntropyRegularization(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
-            "start": self._start,
+            **self.schedule.state_dict(),
+            "start_step": self.schedule.start_step if self._start_resolved else None,
             "loss_coeff": self.loss_coeff,
             "warmup_steps": self.warmup_steps,
             "last_coeff": self.last_coeff,
@@ -321,8 +417,12 @@ class EntropyRegularization(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # The schedule position itself is trainer.global_step, which Lightning restores; keep the resolved start
-        # so a start_fraction does not move if the run is resumed with a different step budget.
-        self._start = state_dict.get("start", self._start)
+        # so a start_fraction does not move if the run is resumed with a different step budget, and the step at
+        # which a gated term started.
+        self.schedule.load_state_dict(state_dict)
+        if state_dict.get("start_step") is not None:
+            self.schedule.start_step = int(state_dict["start_step"])
+            self._start_resolved = True
         self.last_coeff = state_dict.get("last_coeff", self.last_coeff)
         self.last_penalty = state_dict.get("last_penalty", self.last_penalty)
 

@@ -13,6 +13,8 @@ from typing import Any, ClassVar
 
 from transformers import PretrainedConfig
 
+from entropic.functional import DEFAULT_THRESHOLD
+
 ACTIVATIONS = ("gelu", "relu", "identity")
 FFN_STABILIZERS = ("none", "scaling", "weight_norm", "spectral_norm")
 NORM_TARGETS = ("ffn", "qk", "qk+ffn", "qkv+ffn", "qkvo+ffn")
@@ -112,7 +114,8 @@ class EntropicConfig(PretrainedConfig):
             uniform, but with gradients large enough to leave it.
         learnable_thresholds: give the model an [L, H] parameter ``entropy_thresholds`` (fractions of log T) for
             the entropy penalty of EReg training.
-        threshold_init: initial threshold fraction θ, in [0, 1].
+        threshold_init: initial threshold fraction θ, in [0, 1]; default
+            :data:`entropic.functional.DEFAULT_THRESHOLD`, the default of every penalty owner.
         ffn_scale_alpha_init: initial α of the FFN scaling (> 0).
         ffn_scale_beta_init: initial β of the FFN scaling.
         attention_backend: backend of :func:`entropic.ops.entropic_attention`.
@@ -148,7 +151,7 @@ class EntropicConfig(PretrainedConfig):
     attn_temperature: str = "none"
     temperature_init: float = 1.0
     learnable_thresholds: bool = False
-    threshold_init: float = 0.35
+    threshold_init: float = DEFAULT_THRESHOLD
     ffn_scale_alpha_init: float = 1.0
     ffn_scale_beta_init: float = 1.0
     attention_backend: str = "auto"

@@ -182,10 +182,8 @@ class EntropicModel(EntropicPreTrainedModel):
     When ``config.learnable_thresholds``, it owns ``entropy_thresholds`` [L, H]: per-(layer, head) target entropies
     as fractions θ of log T, read by the entropy penalty (``entropic.functional.entropy_penalty``). They are
     unused by forward, so they get gradient only from that penalty (with DDP, use ``find_unused_parameters`` or
-    always add the penalty). The papers do not state their init; their learned values lie in about 0.20-0.52
-    (layer means 0.3-0.45), and the default 0.35 starts every head in the middle of that range. Near-uniform
-    attention at init has a query-averaged causal entropy of about 0.8·log T, so the band pulls entropies down
-    from the start, which is the purpose of EReg (curbing entropic overload). Set ``threshold_init`` to change it.
+    always add the penalty). They start at ``config.threshold_init`` (default
+    :data:`entropic.functional.DEFAULT_THRESHOLD`).
     """
 
     def __init__(self, config: EntropicConfig) -> None:
