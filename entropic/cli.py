@@ -6,6 +6,7 @@ Examples::
     entropic fit --config recipes/debug.yaml --trainer.max_steps=20 --trainer.default_root_dir=runs/debug
     entropic fit --config recipes/debug.yaml --trainer.default_root_dir=runs/debug --ckpt_path last   # resume
     entropic report runs/cpu/*
+    entropic export runs/default        # writes runs/default/model for a run trained before
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from entropic.data import EntropicDataModule
+from entropic.export import MODEL_DIR, export_model, export_run
 from entropic.lightning_module import EntropicLM
 from entropic.report import write_report
 
@@ -41,7 +43,8 @@ class EntropicCLI(LightningCLI):
       stitches them together), unless the recipe configures its own logger.
     - The data module's vocabulary size and the model's context are linked, and a block size above the
       model's context is refused before training starts.
-    - After ``fit``, ``report.md``/``report.json`` are written next to the checkpoints.
+    - After ``fit``, ``report.md``/``report.json`` are written next to the checkpoints, and ``model/`` holds the
+      trained model and its tokenizer (``AutoModelForCausalLM``/``AutoTokenizer.from_pretrained``).
     """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -70,7 +73,8 @@ class EntropicCLI(LightningCLI):
         if self.trainer.is_global_zero:
             root = Path(self.trainer.default_root_dir)
             table = write_report([root], out_dir=root)
-            print(f"\nReport written to {root / 'report.md'}\n\n{table}")
+            model_dir = export_model(self.model.model, self.datamodule.tokenizer, root / MODEL_DIR)
+            print(f"\nReport written to {root / 'report.md'}; model and tokenizer in {model_dir}\n\n{table}")
 
 
 def _report_main(argv: list[str]) -> int:
@@ -82,11 +86,28 @@ def _report_main(argv: list[str]) -> int:
     return 0
 
 
+def _export_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="entropic export", description="Writes RUN_DIR/model (save_pretrained + tokenizer) from a finished run."
+    )
+    parser.add_argument("run_dir", help="a run directory of `entropic fit` (its trainer.default_root_dir)")
+    parser.add_argument("--out", default=None, help=f"model directory to write (default: RUN_DIR/{MODEL_DIR})")
+    args = parser.parse_args(argv)
+    try:
+        path = export_run(args.run_dir, args.out)
+    except FileNotFoundError as error:
+        parser.error(str(error))
+    print(f"model and tokenizer written to {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``entropic`` console script."""
     args = sys.argv[1:] if argv is None else list(argv)
     if args and args[0] == "report":
         return _report_main(args[1:])
+    if args and args[0] == "export":
+        return _export_main(args[1:])
     EntropicCLI(
         EntropicLM,
         EntropicDataModule,

@@ -32,7 +32,8 @@ whereas eager attention spreads them uniformly over all keys; the hidden states 
 therefore differ from eager's, while every non-padding position matches.
 
 ``output_attentions=True`` yields ``None`` for each layer (the point is not to materialize them);
-read :func:`entropic.ops.collect_row_entropies` instead. Attention sinks (``s_aux``) and logit
+read :func:`entropic.ops.collect_row_entropies` instead (the model's recorder, attached by
+:func:`use_entropic_attention`). Attention sinks (``s_aux``) and logit
 soft-capping (``softcap``) are not supported and raise.
 """
 
@@ -44,7 +45,7 @@ import torch
 from torch import nn
 
 from entropic.ops import entropic_attention
-from entropic.ops.recording import NATIVE_RECORDING_ATTR, record_row_entropy
+from entropic.ops.recording import NATIVE_RECORDING_ATTR, attach_recorder, record_row_entropy
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
@@ -242,17 +243,20 @@ def is_entropic_attention(model: nn.Module) -> bool:
 def use_entropic_attention(model: nn.Module) -> bool:
     """Switches a transformers model to ``attn_implementation="entropic"``; returns whether anything changed.
 
-    Models whose attention records entropies natively (entropic's own) are left as they are.
+    Models whose attention records entropies natively (entropic's own) are left as they are. Either way the model
+    gets an :class:`~entropic.ops.recording.EntropyRecorder` that collects the entropies of each forward.
 
     Raises:
         ValueError: the model does not dispatch attention through ``AttentionInterface``.
     """
     register_entropic_attention()
     if is_entropic_attention(model) or getattr(model, NATIVE_RECORDING_ATTR, False):
+        attach_recorder(model)
         return False
     if not hasattr(model, "set_attn_implementation"):
         raise ValueError(f"{type(model).__name__} is not a transformers PreTrainedModel (no set_attn_implementation)")
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     if not is_entropic_attention(model):
         raise ValueError(f"{type(model).__name__} did not accept attn_implementation={ATTN_IMPLEMENTATION!r}")
+    attach_recorder(model)
     return True

@@ -41,7 +41,7 @@ from entropic.functional import (
     mean_entropy_fraction,
 )
 from entropic.hf import use_entropic_attention
-from entropic.ops.recording import clear_row_entropies, collect_row_entropies, entropy_recording_modules
+from entropic.ops.recording import EntropyRecorder, clear_row_entropies, collect_row_entropies, find_recorder
 from entropic.penalty_schedule import THRESHOLD_INIT_OBSERVED, PenaltySchedule, check_threshold_init
 
 __all__ = [
@@ -52,6 +52,7 @@ __all__ = [
     "entropy_penalty_from_model",
     "find_attention_dims",
     "find_model_thresholds",
+    "find_recorder",
     "prepare_model",
     "query_mask_from_batch",
     "thresholds_from_entropies",
@@ -104,7 +105,8 @@ def prepare_model(model: nn.Module) -> list[str]:
     """Makes every transformer in ``model`` record per-row attention entropies during forward.
 
     Hugging Face models running ``sdpa`` or ``eager`` (or any other built-in attention) are switched to the
-    ``"entropic"`` attention implementation; our own models already record. Idempotent.
+    ``"entropic"`` attention implementation; our own models already record. Each gets a recorder
+    (:func:`entropic.ops.recording.find_recorder`). Idempotent.
 
     Returns:
         A description of each model that was switched, e.g. ``["GPT2LMHeadModel: sdpa -> entropic"]``;
@@ -229,13 +231,14 @@ def thresholds_from_entropies(
 _QUERY_KEY_NAME_PARTS = ("q_proj", "k_proj", "query", "key", "c_attn", "qkv", "temperature")
 
 
-def attention_logit_parameters(model: nn.Module) -> list[nn.Parameter]:
+def attention_logit_parameters(recorder: EntropyRecorder) -> list[nn.Parameter]:
     """The parameters that shape the attention logits (W_q, W_k, fused qkv, temperature) of the recording layers.
 
-    Found by name inside the modules that recorded entropies in the last forward; a fused qkv projection (GPT-2's
-    ``c_attn``) counts whole. Falls back to every parameter of those modules when no name matches.
+    Found by name inside the modules that recorded entropies in the recorder's last forward; a fused qkv
+    projection (GPT-2's ``c_attn``) counts whole. Falls back to every parameter of those modules when no name
+    matches.
     """
-    modules = entropy_recording_modules(model)
+    modules = recorder.modules()
     found = [
         p
         for module in modules

@@ -61,7 +61,11 @@ class GradProbe(Callback):
         self.losses: list[float] = []
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        self.grads.append({n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None})
+        grads = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None}
+        for callback in trainer.callbacks:  # θ of a foreign model is the callback's, not the module's
+            if isinstance(callback, EntropyRegularization) and callback.thresholds.grad is not None:
+                grads["entropy_thresholds"] = callback.thresholds.grad.detach().clone()
+        self.grads.append(grads)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.losses.append(float(outputs["loss"]))
@@ -267,20 +271,22 @@ def test_resume_gives_same_thresholds_and_next_loss(tmp_path):
 
     full_probe, full = GradProbe(), UserLM(weights, lr=0.5)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
-    trainer(tmp_path, [*callbacks(), full_probe, ckpt], max_steps=4, enable_checkpointing=True).fit(
-        full, loader(batches)
-    )
+    full_cbs = callbacks()
+    full_reg = full_cbs[1]
+    trainer(tmp_path, [*full_cbs, full_probe, ckpt], max_steps=4, enable_checkpointing=True).fit(full, loader(batches))
     path = next((tmp_path / "ckpt").glob("*step=2.ckpt"))
     saved = torch.load(path, weights_only=False)
-    assert "entropy_thresholds" in saved["state_dict"]
-    assert not torch.equal(saved["state_dict"]["entropy_thresholds"], THETA)  # they were trained
+    assert not any("threshold" in key for key in saved["state_dict"])  # the module's state is the user's own
+    (reg_state,) = [v for k, v in saved["callbacks"].items() if k.startswith("EntropyRegularization")]
+    assert not torch.equal(reg_state["thresholds"], THETA)  # θ is the callback's, and it was trained
+    UserLM.load_from_checkpoint(path, state_dict=weights)  # strict: no unexpected key
 
     resumed_probe, resumed = GradProbe(), UserLM(weights, lr=0.5)
     resumed_cbs = callbacks()
     trainer(tmp_path / "r", [*resumed_cbs, resumed_probe], max_steps=4).fit(resumed, loader(batches), ckpt_path=path)
     assert resumed_probe.losses[0] == pytest.approx(full_probe.losses[2], rel=1e-6, abs=1e-7)
     assert resumed_cbs[1].last_coeff == pytest.approx(0.5)  # warm-up position restored (step 4 > start + warmup)
-    torch.testing.assert_close(resumed.entropy_thresholds, full.entropy_thresholds, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(resumed_cbs[1].thresholds, full_reg.thresholds, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(
         resumed_probe.grads[-1]["entropy_thresholds"], full_probe.grads[-1]["entropy_thresholds"]
     )
@@ -348,14 +354,15 @@ def test_param_group_and_fixed_thresholds(tmp_path):
     reg = EntropyRegularization(loss_coeff=1.0, tolerance=0.0, threshold_init=THETA, param_group={"lr": 0.5})
     module = ModelOnlyOptimizer(weights)
     trainer(tmp_path, [reg]).fit(module, loader(batches))
-    assert not torch.equal(module.entropy_thresholds.detach(), THETA)
+    assert not torch.equal(reg.thresholds.detach(), THETA)  # trained through the group the callback added
     assert "training_step" not in module.__dict__  # unwrapped at teardown
+    assert not any("threshold" in name for name, _ in module.named_parameters())
 
     fixed = EntropyRegularization(loss_coeff=1.0, tolerance=0.0, threshold_init=THETA, learnable_thresholds=False)
     module = UserLM(weights, lr=0.5)
     trainer(tmp_path, [fixed]).fit(module, loader(batches))
-    assert "entropy_thresholds" in dict(module.named_buffers())
-    assert torch.equal(module.entropy_thresholds, THETA) and fixed.last_penalty > 0
+    assert not fixed.thresholds.requires_grad
+    assert torch.equal(fixed.thresholds, THETA) and fixed.last_penalty > 0
 
 
 def test_invalid_arguments_are_named():
@@ -473,3 +480,175 @@ if __name__ == "__main__":
             os.path.join(out, "result.pt"),
         )
 """
+
+
+# ---------------------------------------------------------------------------------------------------- other routes
+# Each route's gradient change is checked against the same independent reference: the penalty of Algorithm 1
+# written out above, from the probabilities of an eager copy of the weights.
+def reference_delta(weights, batches, coeff=5.0, tol=0.1):
+    with_pen = reference_grads(weights, batches, THETA, tol, coeff)
+    without_pen = reference_grads(weights, batches, THETA, tol, 0.0)
+    return {n: with_pen[n] - without_pen[n] for n in with_pen}
+
+
+class ManualLM(UserLM):
+    """A user's module with manual optimization: it adds the term with the documented one-line call."""
+
+    def __init__(self, state_dict, call_penalty=True):
+        super().__init__(state_dict)
+        self.automatic_optimization = False
+        self.call_penalty = call_penalty
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        loss = self.model(**batch).loss
+        if self.call_penalty:
+            (reg,) = [c for c in self.trainer.callbacks if isinstance(c, EntropyRegularization)]
+            loss = loss + reg.penalty(self)
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        self.grads = {n: p.grad.detach().clone() for n, p in self.named_parameters() if p.grad is not None}
+        self.theta_grad = None if not self.call_penalty else reg.thresholds.grad.detach().clone()
+        optimizer.step()
+
+
+def test_manual_optimization_route_adds_exactly_lambda_grad_penalty(tmp_path):
+    weights, batches = initial_weights(), make_batches(1)
+    delta = reference_delta(weights, batches)
+    modules = []
+    for coeff in (0.0, 5.0):
+        module = ManualLM(weights)
+        reg = EntropyRegularization(loss_coeff=coeff, tolerance=0.1, threshold_init=THETA)
+        trainer(tmp_path, [reg]).fit(module, loader(batches))
+        modules.append(module)
+    assert_grad_delta(modules[1].grads, modules[0].grads, delta, atol=1e-6)
+    torch.testing.assert_close(modules[1].theta_grad, delta["entropy_thresholds"], atol=1e-7, rtol=1e-5)
+
+
+def test_manual_optimization_without_the_call_is_refused(tmp_path):
+    weights, batches = initial_weights(), make_batches(1)
+    reg = EntropyRegularization(loss_coeff=1.0)
+    with pytest.raises(MisconfigurationException, match=r"manual optimization.*loss = loss \+ reg\.penalty\(self\)"):
+        trainer(tmp_path, [reg]).fit(ManualLM(weights, call_penalty=False), loader(batches))
+
+
+def test_plain_pytorch_route_adds_exactly_lambda_grad_penalty():
+    weights, (batch,) = initial_weights(), make_batches(1)
+    delta = reference_delta(weights, [batch])
+    grads = []
+    for coeff in (0.0, 5.0):
+        model = GPT2LMHeadModel(copy.deepcopy(CONFIG))
+        model.load_state_dict(weights)
+        prepare_model(model)
+        penalty = EntropyPenalty.for_model(model, init=THETA, tolerance=0.1, loss_coeff=coeff)
+        loss = model(**batch).loss + penalty(model, attention_mask=None)
+        loss.backward()
+        grads.append({f"model.{n}": p.grad for n, p in model.named_parameters()})
+        theta_grad = penalty.thresholds.grad
+    assert_grad_delta(grads[1], grads[0], delta, atol=1e-6)
+    torch.testing.assert_close(theta_grad, delta["entropy_thresholds"], atol=1e-7, rtol=1e-5)
+
+
+def test_hugging_face_trainer_route_adds_exactly_lambda_grad_penalty(tmp_path):
+    from transformers import TrainerCallback, TrainingArguments
+
+    from entropic.hf_trainer import PENALTY_FILE, EntropyRegularizedTrainer
+
+    weights, (batch,) = initial_weights(), make_batches(1)
+    delta = reference_delta(weights, [batch])
+    rows = [{"input_ids": batch["input_ids"][i], "labels": batch["labels"][i]} for i in range(B)]
+
+    class Grads(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            self.grads = {f"model.{n}": p.grad.detach().clone() for n, p in model.named_parameters()}
+
+    grads, penalties = [], []
+    for coeff in (0.0, 5.0):
+        model = GPT2LMHeadModel(copy.deepcopy(CONFIG))
+        model.load_state_dict(weights)
+        penalty = EntropyPenalty.for_model(model, init=THETA, tolerance=0.1, loss_coeff=coeff)
+        probe = Grads()
+        args = TrainingArguments(
+            output_dir=str(tmp_path / f"hf{coeff}"), per_device_train_batch_size=B, max_steps=1, learning_rate=0.5,
+            optim="sgd", lr_scheduler_type="constant", report_to=[], use_cpu=True, save_strategy="steps",
+            save_steps=1, logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0, max_grad_norm=0.0,
+        )  # fmt: skip
+        trainer_ = EntropyRegularizedTrainer(
+            model=model, args=args, train_dataset=rows, entropy_penalty=penalty, callbacks=[probe]
+        )
+        trainer_.train()
+        assert model.config._attn_implementation == "entropic"
+        grads.append(probe.grads)
+        penalties.append(penalty)
+    assert_grad_delta(grads[1], grads[0], delta, atol=1e-6)
+    assert not torch.equal(penalties[1].thresholds.detach(), THETA)  # θ was in the optimizer and moved
+    saved = torch.load(tmp_path / "hf5.0" / "checkpoint-1" / PENALTY_FILE, weights_only=False)
+    torch.testing.assert_close(saved["thresholds"], penalties[1].thresholds.detach())
+    with pytest.raises(ValueError, match=r"needs entropy_penalty=.*loss_coeff set"):
+        EntropyRegularizedTrainer(model=model, args=args, entropy_penalty=EntropyPenalty(2, 2))
+
+
+def test_our_models_own_loss_adds_exactly_lambda_grad_penalty():
+    """EntropicForCausalLM with entropy_coeff: the reference penalty comes from the dense attention oracle's
+    probabilities of the same weights, written out as Algorithm 1 here."""
+    from entropic.models import EntropicConfig, EntropicForCausalLM
+
+    sizes = {"n_layer": 2, "n_head": 2, "n_embd": 32, "vocab_size": VOCAB, "n_positions": T}
+    theta = THETA.clone()
+
+    def grads_of(coeff, backend):
+        torch.manual_seed(0)
+        config = EntropicConfig.from_preset("SM(t)+ScFuFFN", **sizes, entropy_coeff=coeff, entropy_tolerance=0.1)
+        config.attention_backend = backend
+        model = EntropicForCausalLM(config)
+        with torch.no_grad():
+            model.entropy_thresholds.copy_(theta)
+        (batch,) = make_batches(1)
+        out = model(**batch)
+        out.loss.backward()
+        return out, {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in model.named_parameters()}
+
+    plain_out, plain = grads_of(0.0, "torch")
+    _, regularized = grads_of(5.0, "torch")
+    # Reference: CE + 5 · Algorithm 1 from the oracle's row entropies (-Σ p log p of materialized probabilities).
+    torch.manual_seed(0)
+    config = EntropicConfig.from_preset("SM(t)+ScFuFFN", **sizes, attention_backend="reference")
+    oracle = EntropicForCausalLM(config)
+    with torch.no_grad():
+        oracle.entropy_thresholds.copy_(theta)
+    (batch,) = make_batches(1)
+    out = oracle(**batch)
+    e_max = math.log(T)
+    terms = []
+    for layer, row in enumerate(out.row_entropies):
+        dev = row.mean(dim=(0, 2)) - oracle.entropy_thresholds[layer] * e_max
+        terms.append(torch.where(dev.abs() > 0.1 * e_max, dev**2, torch.zeros_like(dev)).mean())
+    (5.0 * torch.stack(terms).mean()).backward()
+    reference = {n: p.grad for n, p in oracle.named_parameters()}
+    assert plain_out.entropy_penalty is not None
+    for name, grad in plain.items():
+        want = reference[name] if reference[name] is not None else torch.zeros_like(grad)
+        torch.testing.assert_close(regularized[name] - grad, want, atol=1e-6, rtol=1e-4, msg=name)
+    assert reference["transformer.entropy_thresholds"].abs().max() > 1e-3  # the term is not negligible
+
+
+def test_deepcopy_of_the_model_mid_training_works(tmp_path):
+    weights, batches = initial_weights(), make_batches(3)
+    copies = []
+
+    class EMA(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            copies.append(copy.deepcopy(pl_module.model))  # the recorder holds this step's graph
+
+    module = UserLM(weights, lr=0.1)
+    reg = EntropyRegularization(loss_coeff=1.0, threshold_init=THETA)
+    trainer(tmp_path, [AttentionEntropyMonitor(write_figures=False), reg, EMA()], max_steps=3).fit(
+        module, loader(batches)
+    )
+    assert len(copies) == 3
+    with torch.no_grad():
+        copies[-1](**batches[0])
+    from entropic.ops import collect_row_entropies
+
+    assert len(collect_row_entropies(copies[-1])) == 2  # the copy records into its own recorder
+    assert collect_row_entropies(copies[0]) == []  # which the other copies do not share

@@ -58,6 +58,35 @@ def test_debug_recipe_trains_and_writes_checkpoint_logs_and_report(tmp_path):
     assert "SM(t)+ScFuFFN" in report and "| no |" in report  # the architecture, and it did not diverge
     assert "Report written" in result.stdout
     assert list(root.rglob("*.png")), "the entropy monitor wrote no figure"
+    _check_model_directory(root / "model", last)
+
+
+def _check_model_directory(model_dir: Path, checkpoint: Path) -> None:
+    """The run's model directory loads with the Auto classes, generates, and holds the checkpoint's weights."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import entropic.models  # noqa: F401  (registers model_type "entropic" with the Auto classes)
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    torch.testing.assert_close(model.lm_head.weight, state["model.lm_head.weight"])
+    assert model.config.eos_token_id == tokenizer.eos_token_id is not None
+    prompt = tokenizer("def main(", return_tensors="pt")
+    out = model.generate(**prompt, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] > prompt["input_ids"].shape[1] and isinstance(tokenizer.decode(out[0]), str)
+
+
+def test_export_writes_the_model_directory_of_an_earlier_run(tmp_path, capsys):
+    root = tmp_path / "run"
+    _fit(root, "--trainer.max_steps=2")
+    (root / "model").rename(tmp_path / "first")  # as if the run predated model directories
+    assert main(["export", str(root)]) == 0
+    assert "model and tokenizer written to" in capsys.readouterr().out
+    _check_model_directory(root / "model", root / "checkpoints" / "last.ckpt")
+    with pytest.raises(SystemExit):
+        main(["export", str(tmp_path / "nothing")])
+    assert "no checkpoint at" in capsys.readouterr().err
 
 
 def test_killed_run_resumes_from_last_checkpoint_without_losing_metrics(tmp_path):

@@ -16,7 +16,8 @@ from typing_extensions import override
 
 from entropic.callbacks.plotting import plot_bin_histogram, plot_head_heatmap, plot_layer_history
 from entropic.functional import entropic_overload, entropy_bin_shares, entropy_collapse
-from entropic.regularizer import collect_row_entropies, prepare_model, query_mask_from_batch
+from entropic.ops.recording import EntropyRecorder, find_recorder
+from entropic.regularizer import prepare_model, query_mask_from_batch
 
 __all__ = ["AttentionEntropyMonitor"]
 
@@ -122,6 +123,7 @@ class AttentionEntropyMonitor(Callback):
         self.stop_reason: str | None = None
         self._active: dict[str, bool] = {"collapse": False, "overload": False}
         self._warned_empty = False
+        self._recorder: EntropyRecorder | None = None
 
     # ------------------------------------------------------------------ wiring
     @override
@@ -133,6 +135,7 @@ class AttentionEntropyMonitor(Callback):
             rank_zero_info(
                 f"AttentionEntropyMonitor: switched {', '.join(changed)} so attention layers record per-head entropy."
             )
+        self._recorder = find_recorder(pl_module)
         if self.write_figures and self.figure_dir is None:
             # Resolved here, on every rank: trainer.log_dir broadcasts, so it must not run in a rank-zero-only path.
             self.figure_dir = Path(trainer.log_dir or trainer.default_root_dir) / "entropy_figures"
@@ -142,7 +145,7 @@ class AttentionEntropyMonitor(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        entropies = collect_row_entropies(pl_module)
+        entropies = [] if self._recorder is None else self._recorder.entropies
         if not entropies:
             if not self._warned_empty:
                 rank_zero_warn(

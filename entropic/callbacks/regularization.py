@@ -30,15 +30,14 @@ from entropic.functional import (
     head_entropy,
     heads_in_band,
 )
+from entropic.ops.recording import EntropyRecorder
 from entropic.penalty_schedule import THRESHOLD_INIT_OBSERVED, PenaltySchedule, check_threshold_init
 from entropic.regularizer import (
-    THRESHOLDS_ATTR,
     attention_logit_parameters,
-    clear_row_entropies,
-    collect_row_entropies,
     entropy_penalty_from_entropies,
     find_attention_dims,
     find_model_thresholds,
+    find_recorder,
     make_thresholds,
     prepare_model,
     query_mask_from_batch,
@@ -54,14 +53,20 @@ class EntropyRegularization(Callback):
     The module's model must record attention entropies: our models do, and Hugging Face models using the
     attention interface (GPT-2, Llama, ...) are switched from sdpa/eager to the entropic attention at ``setup``.
 
-    Thresholds θ ([L, H], fractions of E_max = log T): if the model already owns ``entropy_thresholds`` they are
-    used; otherwise the callback registers an ``nn.Parameter`` named ``entropy_thresholds`` on the LightningModule
-    at ``setup``, before ``configure_optimizers`` runs, so an optimizer over ``self.parameters()`` trains them with
-    no change and they are saved in (and restored from) the module's checkpoint. With ``learnable_thresholds=False``
-    they are a (saved) buffer instead. With ``param_group`` the callback adds them to the first optimizer as a
-    group of their own (use it when your optimizer does not take ``self.parameters()``).
-    Note that a plain ``AdamW(self.parameters())`` also applies its weight decay to θ; exclude parameters whose
-    name contains ``"threshold"`` from decay, or use ``param_group`` (weight decay 0 by default).
+    Thresholds θ ([L, H], fractions of E_max = log T): where they live.
+
+    - Our models own ``entropy_thresholds`` (a model parameter): the callback uses them, the user's optimizer
+      over ``self.parameters()`` trains them, and they are saved with the model.
+    - Any other model (Hugging Face or custom): the callback owns θ. It is not registered on the user's module, so
+      the module's ``state_dict`` stays exactly its own and a strict ``MyLM.load_from_checkpoint(path)`` works.
+      θ is saved in (and restored from) this callback's state in the Trainer checkpoint, and the callback adds it
+      to the first optimizer of ``configure_optimizers`` as a group of its own (weight decay 0; ``param_group``
+      sets other options, e.g. ``{"lr": 1e-2}``). Read it as :attr:`thresholds`.
+
+    With ``learnable_thresholds=False`` θ is fixed.
+
+    Manual optimization: the callback cannot add to a loss it never sees, so it raises a clear error unless
+    ``training_step`` adds the term itself with ``loss = loss + reg.penalty(self)`` before ``manual_backward``.
 
     Padded queries (where the batch's ``attention_mask`` is 0) are left out of the penalty.
 
@@ -85,8 +90,9 @@ class EntropyRegularization(Callback):
             thresholds; default :data:`entropic.functional.DEFAULT_THRESHOLD`), or ``"observed"``: at the step the
             term starts, θ (the model's own or the callback's) is set to the head entropies of that step / log T,
             averaged over all ranks, so every head starts on its target.
-        param_group: False (default): rely on the user's optimizer. True, or a dict of group options (e.g.
-            ``{"lr": 1e-2}``): add θ to the first optimizer as its own group (``weight_decay`` defaults to 0).
+        param_group: options of θ's optimizer group when the callback owns θ (a dict, e.g. ``{"lr": 1e-2}``;
+            ``weight_decay`` defaults to 0). With a model that owns θ: False (default) relies on the user's
+            optimizer; True or a dict adds θ to the first optimizer as its own group.
         start_step: optimizer step at which the term starts (before it, λ_t = 0).
         start_fraction: alternative to ``start_step``: a fraction of ``trainer.estimated_stepping_batches``
             (the authors' unreleased code started after 5-10% of the steps).
@@ -167,6 +173,10 @@ class EntropyRegularization(Callback):
         self.num_heads = num_heads
         self._start_resolved = start_fraction is None
         self._query_mask: torch.Tensor | None = None
+        self._recorder: EntropyRecorder | None = None
+        self._owned_thresholds: nn.Parameter | None = None
+        self._saved_thresholds: torch.Tensor | None = None
+        self._penalty_taken = False
         self._thresholds: torch.Tensor | None = None
         self._wrapped: pl.LightningModule | None = None
         self._trainer: pl.Trainer | None = None
@@ -194,6 +204,22 @@ class EntropyRegularization(Callback):
             rank_zero_info(
                 f"EntropyRegularization: switched {', '.join(changed)} so attention layers record per-head entropy."
             )
+        for module in pl_module.modules():
+            coeff = getattr(getattr(module, "config", None), "entropy_coeff", 0.0)
+            if isinstance(coeff, (int, float)) and coeff > 0:
+                raise MisconfigurationException(
+                    f"EntropyRegularization: {type(module).__name__} already adds entropy_coeff={coeff} · penalty to "
+                    "its own loss; set its config's entropy_coeff to 0 and let the callback schedule λ, or drop the "
+                    "callback (the term would be counted twice)"
+                )
+        self._recorder = find_recorder(pl_module)
+        if self._recorder is None:
+            raise MisconfigurationException(
+                f"EntropyRegularization: {type(pl_module).__name__} holds no model that records attention entropies. "
+                "Use one of our models or a Hugging Face model (switched to the entropic attention at setup); a "
+                "custom model whose attention calls entropic.ops.record_row_entropy needs "
+                "entropic.ops.recording.attach_recorder(model) once."
+            )
         self._thresholds = self._resolve_thresholds(pl_module)
         self._trainer = trainer
         self._wrap(pl_module)
@@ -220,12 +246,15 @@ class EntropyRegularization(Callback):
             device = next(pl_module.parameters()).device
         except StopIteration:
             device = torch.device("cpu")
-        init = init.to(device)
-        if self.learnable_thresholds:
-            pl_module.register_parameter(THRESHOLDS_ATTR, nn.Parameter(init))
-        else:
-            pl_module.register_buffer(THRESHOLDS_ATTR, init)
-        return getattr(pl_module, THRESHOLDS_ATTR)
+        # Held by the callback, not registered on the user's module: the module's state_dict stays its own (a
+        # strict load_from_checkpoint works), θ travels in this callback's checkpoint state, and the callback adds
+        # it to the first optimizer as a group of its own.
+        theta = nn.Parameter(init.to(device), requires_grad=self.learnable_thresholds)
+        if self._saved_thresholds is not None:
+            with torch.no_grad():
+                theta.copy_(self._saved_thresholds.to(device))
+        self._owned_thresholds = theta
+        return theta
 
     def _wrap(self, pl_module: pl.LightningModule) -> None:
         if self._wrapped is not None:
@@ -234,12 +263,29 @@ class EntropyRegularization(Callback):
 
         @functools.wraps(step)
         def training_step(*args: Any, **kwargs: Any) -> Any:
-            clear_row_entropies(pl_module)
+            self._recorder.clear()
             self._query_mask = query_mask_from_batch(args[0] if args else kwargs.get("batch"))
             return self._add_penalty(pl_module, step(*args, **kwargs))
 
+        if not pl_module.automatic_optimization:
+
+            @functools.wraps(step)
+            def training_step(*args: Any, **kwargs: Any) -> Any:
+                self._recorder.clear()
+                self._query_mask = query_mask_from_batch(args[0] if args else kwargs.get("batch"))
+                self._penalty_taken = False
+                output = step(*args, **kwargs)
+                if not self._penalty_taken:
+                    raise MisconfigurationException(
+                        f"EntropyRegularization: {type(pl_module).__name__} uses manual optimization, so the "
+                        "callback cannot add the entropy penalty to its loss. Add it in training_step, before "
+                        "manual_backward: `loss = loss + reg.penalty(self)`, with `reg` this callback "
+                        "(e.g. found as self.trainer.callbacks)."
+                    )
+                return output
+
         pl_module.training_step = training_step  # instance attribute shadows the class method
-        if self.param_group is not False:
+        if (self._owned_thresholds is not None and self.learnable_thresholds) or self.param_group is not False:
             configure = pl_module.configure_optimizers
 
             @functools.wraps(configure)
@@ -330,9 +376,9 @@ class EntropyRegularization(Callback):
             and (trainer.global_step + 1) % max(1, trainer.log_every_n_steps) == 0
         )
 
-    def _grad_ratio(self, pl_module: pl.LightningModule, loss: torch.Tensor, penalty: torch.Tensor) -> float | None:
+    def _grad_ratio(self, loss: torch.Tensor, penalty: torch.Tensor) -> float | None:
         """‖∇(λ·penalty)‖ / ‖∇loss‖ over the attention-logit parameters; None when either has no graph."""
-        params = attention_logit_parameters(pl_module)
+        params = attention_logit_parameters(self._recorder)
         if not params or not loss.requires_grad or not penalty.requires_grad:
             return None
 
@@ -343,20 +389,28 @@ class EntropyRegularization(Callback):
         loss_norm = norm(loss)
         return self.loss_coeff * norm(penalty) / loss_norm if loss_norm > 0 else None
 
-    def _add_penalty(self, pl_module: pl.LightningModule, output: Any) -> Any:
-        if output is None:  # the user skipped this batch
-            return output
-        loss = output["loss"] if isinstance(output, Mapping) else output
-        if not isinstance(loss, torch.Tensor):
-            raise MisconfigurationException(
-                "EntropyRegularization expects training_step to return a loss tensor or a dict with a 'loss' tensor, "
-                f"got {type(output).__name__}"
-            )
+    def penalty(self, pl_module: pl.LightningModule, loss: torch.Tensor | None = None) -> torch.Tensor:
+        """λ_t · penalty of the forward that just ran in ``training_step`` (the scheduled term, logged).
+
+        With automatic optimization the callback adds it to the returned loss itself. With manual optimization
+        call it in ``training_step`` after the forward and before ``manual_backward``::
+
+            loss = loss + reg.penalty(self)
+
+        Args:
+            pl_module: the module being trained.
+            loss: the language-model loss of the step; only used for the gradient-ratio diagnostic.
+
+        Returns:
+            A scalar fp32 tensor with the graph of the forward and of θ (0 · penalty before the start, so θ stays
+            in the graph for DDP).
+        """
+        self._penalty_taken = True
         trainer = self._trainer
         step = trainer.global_step if trainer is not None else 0
         if trainer is not None:
             self._resolve_start(trainer)
-        entropies = collect_row_entropies(pl_module)
+        entropies = self._recorder.entropies if self._recorder is not None else []
         if not entropies:
             raise RuntimeError(
                 f"EntropyRegularization: no attention layer of {type(pl_module).__name__} recorded entropies during "
@@ -378,8 +432,6 @@ class EntropyRegularization(Callback):
             reduction=self.reduction,
             query_mask=self._query_mask,
         )
-        # Always add the term, even with λ_t = 0, so θ stays in the graph (DDP expects every parameter used).
-        total = loss + coeff * penalty.to(loss.dtype)
         detached = penalty.detach()
         self.last_penalty, self.last_coeff = None, coeff
         if trainer is not None and getattr(trainer, "training", False):
@@ -395,9 +447,23 @@ class EntropyRegularization(Callback):
                     head_entropy(entropies, self._query_mask), theta, context_size=context, tolerance=self.tolerance
                 )
                 log("train/entropy_heads_in_band", in_band)
-                ratio = self._grad_ratio(pl_module, loss, penalty) if self.log_grad_ratio else None
-                if ratio is not None:
-                    log("train/entropy_grad_ratio", ratio)
+                if self.log_grad_ratio and loss is not None:
+                    ratio = self._grad_ratio(loss, penalty)
+                    if ratio is not None:
+                        log("train/entropy_grad_ratio", ratio)
+        return coeff * penalty
+
+    def _add_penalty(self, pl_module: pl.LightningModule, output: Any) -> Any:
+        if output is None:  # the user skipped this batch
+            return output
+        loss = output["loss"] if isinstance(output, Mapping) else output
+        if not isinstance(loss, torch.Tensor):
+            raise MisconfigurationException(
+                "EntropyRegularization expects training_step to return a loss tensor or a dict with a 'loss' tensor, "
+                f"got {type(output).__name__}"
+            )
+        # Always added, even with λ_t = 0, so θ stays in the graph (DDP expects every parameter used).
+        total = loss + self.penalty(pl_module, loss).to(loss.dtype)
         if isinstance(output, Mapping):
             return {**output, "loss": total}
         return total
@@ -412,6 +478,7 @@ class EntropyRegularization(Callback):
             "warmup_steps": self.warmup_steps,
             "last_coeff": self.last_coeff,
             "last_penalty": self.last_penalty,
+            "thresholds": None if self._owned_thresholds is None else self._owned_thresholds.detach().cpu().clone(),
         }
 
     @override
@@ -424,6 +491,12 @@ class EntropyRegularization(Callback):
             self.schedule.start_step = int(state_dict["start_step"])
             self._start_resolved = True
         self.last_coeff = state_dict.get("last_coeff", self.last_coeff)
+        saved = state_dict.get("thresholds")
+        if saved is not None:  # θ owned by this callback (foreign models); restored in place, the optimizer holds it
+            self._saved_thresholds = saved
+            if self._owned_thresholds is not None:
+                with torch.no_grad():
+                    self._owned_thresholds.copy_(saved.to(self._owned_thresholds.device))
         self.last_penalty = state_dict.get("last_penalty", self.last_penalty)
 
 

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 from transformers import PretrainedConfig
 
-from entropic.functional import DEFAULT_THRESHOLD
+from entropic.functional import DEFAULT_THRESHOLD, REDUCTIONS
 
 ACTIVATIONS = ("gelu", "relu", "identity")
 FFN_STABILIZERS = ("none", "scaling", "weight_norm", "spectral_norm")
@@ -116,6 +116,11 @@ class EntropicConfig(PretrainedConfig):
             the entropy penalty of EReg training.
         threshold_init: initial threshold fraction θ, in [0, 1]; default
             :data:`entropic.functional.DEFAULT_THRESHOLD`, the default of every penalty owner.
+        entropy_coeff: λ of the model's own loss: with thresholds and ``labels``, forward returns
+            ``loss = cross-entropy + entropy_coeff · entropy_penalty`` (like a router loss). 0 (default) adds
+            nothing; the Lightning callback schedules λ itself and needs 0 here.
+        entropy_tolerance: γ of the model's penalty (paper: 0.2).
+        entropy_reduction: ``"paper"`` or ``"per_query"`` (see :func:`entropic.functional.entropy_penalty`).
         ffn_scale_alpha_init: initial α of the FFN scaling (> 0).
         ffn_scale_beta_init: initial β of the FFN scaling.
         attention_backend: backend of :func:`entropic.ops.entropic_attention`.
@@ -152,6 +157,9 @@ class EntropicConfig(PretrainedConfig):
     temperature_init: float = 1.0
     learnable_thresholds: bool = False
     threshold_init: float = DEFAULT_THRESHOLD
+    entropy_coeff: float = 0.0
+    entropy_tolerance: float = 0.2
+    entropy_reduction: str = "paper"
     ffn_scale_alpha_init: float = 1.0
     ffn_scale_beta_init: float = 1.0
     attention_backend: str = "auto"
@@ -201,6 +209,16 @@ class EntropicConfig(PretrainedConfig):
             )
         _real("temperature_init", self.temperature_init, low=0.0, open_low=True)
         _real("threshold_init", self.threshold_init, low=0.0, high=1.0)
+        _real("entropy_coeff", self.entropy_coeff, low=0.0)
+        _real("entropy_tolerance", self.entropy_tolerance, low=0.0)
+        if self.entropy_tolerance >= 1:
+            raise ValueError(f"entropy_tolerance must be < 1 (a fraction of log T), got {self.entropy_tolerance!r}")
+        _choice("entropy_reduction", self.entropy_reduction, REDUCTIONS)
+        if self.entropy_coeff and not self.learnable_thresholds:
+            raise ValueError(
+                f"entropy_coeff={self.entropy_coeff!r} needs learnable_thresholds=True (the model's own θ); "
+                "or regularize with entropic.EntropyRegularization / entropic.regularizer.EntropyPenalty"
+            )
         _real("ffn_scale_alpha_init", self.ffn_scale_alpha_init, low=0.0, open_low=True)
         _real("ffn_scale_beta_init", self.ffn_scale_beta_init)
         _real("dropout", self.dropout, low=0.0, high=1.0)

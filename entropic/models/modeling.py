@@ -2,8 +2,9 @@
 
 Layout follows GPT-2 (``transformer.wte/wpe/h[i].{ln_1, attn, ln_2, mlp}/ln_f``, ``lm_head`` tied to ``wte``), so
 Hugging Face tooling and the module paths of the papers' code carry over. Each attention layer runs
-:func:`entropic.ops.entropic_attention` and leaves its per-query-row entropies on itself
-(:func:`entropic.ops.record_row_entropy`), with their autograd graph, for the entropy penalty and monitors.
+:func:`entropic.ops.entropic_attention`; forward returns the per-query-row entropies of every layer, with their
+autograd graph, and hands them to the model's :class:`entropic.ops.recording.EntropyRecorder` for callbacks that
+only see the loss.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
 
+from entropic.functional import entropy_penalty
 from entropic.models.configuration import EntropicConfig
 from entropic.models.stabilizers import AttentionTemperature, FFNScaling, apply_static_normalization
 from entropic.ops import entropic_attention, record_row_entropy
+from entropic.ops.recording import attach_recorder
 
 _ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "identity": nn.Identity}
 
@@ -43,9 +46,11 @@ class EntropicModelOutput(BaseModelOutput):
 
 @dataclass
 class EntropicCausalLMOutput(CausalLMOutput):
-    """CausalLMOutput plus ``row_entropies``: one [B, H, T] fp32 tensor (nats) per layer, with grad."""
+    """CausalLMOutput plus ``row_entropies`` (one [B, H, T] fp32 tensor, nats, per layer, with grad) and
+    ``entropy_penalty`` (the unweighted penalty of this forward, scalar fp32, when the model owns thresholds)."""
 
     row_entropies: tuple[torch.Tensor, ...] | None = None
+    entropy_penalty: torch.Tensor | None = None
 
 
 class EntropicAttention(nn.Module):
@@ -203,6 +208,7 @@ class EntropicModel(EntropicPreTrainedModel):
         # W/σ(W) of the initialized W.
         if config.ffn_stabilizer in ("weight_norm", "spectral_norm"):
             apply_static_normalization(self.h, config.ffn_stabilizer, config.norm_targets)
+        attach_recorder(self)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.wte
@@ -291,6 +297,7 @@ class EntropicForCausalLM(EntropicPreTrainedModel, GenerationMixin):
         self.transformer = EntropicModel(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.post_init()
+        attach_recorder(self)
 
     @property
     def entropy_thresholds(self) -> nn.Parameter | None:
@@ -348,8 +355,10 @@ class EntropicForCausalLM(EntropicPreTrainedModel, GenerationMixin):
             **kwargs: generation bookkeeping (``use_cache``, ``cache``, ...), ignored.
 
         Returns:
-            loss (scalar, fp32) if labels, logits [B, T, vocab], hidden_states if asked, row_entropies
-            (L of [B, H, T]).
+            loss (scalar, fp32) if labels: the cross-entropy, plus ``entropy_coeff · entropy_penalty`` when the
+            config sets a coefficient; logits [B, T, vocab]; hidden_states if asked; row_entropies (L of
+            [B, H, T]); entropy_penalty (unweighted, padded queries left out, E_max = log T of this input) when
+            the model owns thresholds.
         """
         if output_attentions:
             raise ValueError(
@@ -358,12 +367,29 @@ class EntropicForCausalLM(EntropicPreTrainedModel, GenerationMixin):
             )
         out = self.transformer(input_ids, attention_mask, position_ids, output_hidden_states=bool(output_hidden_states))
         logits = self.lm_head(out.last_hidden_state)  # [B, T, vocab]
+        penalty = None
+        thresholds = self.entropy_thresholds
+        if thresholds is not None and input_ids.shape[1] >= 2:
+            penalty = entropy_penalty(
+                out.row_entropies,
+                thresholds,
+                context_size=input_ids.shape[1],
+                tolerance=self.config.entropy_tolerance,
+                reduction=self.config.entropy_reduction,
+                query_mask=None if attention_mask is None else attention_mask.to(torch.bool),
+            )
         loss = None
         if labels is not None:
             loss = F.cross_entropy(
                 logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
             )
+            if penalty is not None and self.config.entropy_coeff:
+                loss = loss + self.config.entropy_coeff * penalty
         result = EntropicCausalLMOutput(
-            loss=loss, logits=logits, hidden_states=out.hidden_states, row_entropies=out.row_entropies
+            loss=loss,
+            logits=logits,
+            hidden_states=out.hidden_states,
+            row_entropies=out.row_entropies,
+            entropy_penalty=penalty,
         )
         return result.to_tuple() if return_dict is False else result
