@@ -287,7 +287,8 @@ class BSGSPlan:
     ) -> BSGSPlan:
         """Plan for the union of diagonal ``indices``; ``baby=None`` picks the step with the fewest rotations.
 
-        Ties go to fewer Galois keys, then to the smaller step.
+        Ties go to fewer Galois keys, then to a power of two (layers then share keys more often), then to the
+        smaller step.
         """
         _check_slots(slots)
         v = np.unique(np.array([signed_step(int(s), slots) for s in indices], dtype=np.int64))
@@ -300,13 +301,13 @@ class BSGSPlan:
             k = np.floor_divide(v, b)
             js, gs = np.unique(v - k * b), np.unique(k * b)
             rot = chunks_in * int(np.count_nonzero(js)) + chunks_out * int(np.count_nonzero(gs))
-            if best is not None and rot > best[0]:
+            if best is not None and rot > best[0][0]:
                 continue
             plan = cls(slots, b, tuple(int(j) for j in js), tuple(int(g) for g in gs))
-            key = (rot, len(plan.galois_steps()), b)
-            if best is None or key < best[0:3]:
-                best = (*key, plan)
-        return best[3]
+            key = (rot, len(plan.galois_steps()), b & (b - 1) != 0, b)
+            if best is None or key < best[0]:
+                best = (key, plan)
+        return best[1]
 
 
 # ---------------------------------------------------------------------------------------------- one layer
