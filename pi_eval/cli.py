@@ -67,7 +67,6 @@ def bench(args, tamper=None) -> int:
         poly_degree=args.poly_degree,
         transport=args.transport,
         threads=args.threads,
-        seed=args.seed,
         tamper=tamper,
     )
     profiles = dict(parse_profile(p) for p in args.profile or [])

@@ -15,6 +15,8 @@ import tenseal as ts
 from .channel import Channel, Message
 from .params import ParamSet
 from .plan import act_fn, causal_attention, layernorm
+from .rawpoly import RawCKKS
+from .refresh import ClientRefresher, MaskSpec
 from .schedule import Layout, Schedule
 
 
@@ -60,6 +62,7 @@ class Client:
         self.ctx.generate_galois_keys()
         self.keygen_s = time.perf_counter() - t0
         self.step_stats: dict[str, dict] = {}
+        self.refresher: ClientRefresher | None = None
 
     def public_context(self) -> bytes:
         """Public, relinearization and Galois keys only (no secret key)."""
@@ -83,6 +86,11 @@ class Client:
         self.he += time.perf_counter() - t0
         per = lay.chunks if lay is not None else 1
         return [flat[j * per : (j + 1) * per] for j in range(groups)]
+
+    def _refresher(self) -> ClientRefresher:
+        if self.refresher is None:
+            self.refresher = ClientRefresher(RawCKKS(self.params, self.ctx), 2.0**self.params.scale_bits)
+        return self.refresher
 
     def _stat(self, name):
         return self.step_stats.setdefault(name, {"client_s": 0.0, "he_s": 0.0})
@@ -116,10 +124,11 @@ class Client:
                 rec["client_s"] += time.perf_counter() - t0
                 rec["he_s"] += self.he - h0
                 return logits
-            if st.op == "refresh":  # re-encrypt the masked values, restoring every replicated copy from copy 0
-                lay = st.src_layout
-                vecs = self._dec(reply.blobs, lay, sched.groups)
-                blobs = self._enc([[lay.replicate(v[: lay.n_c]) for v in grp] for grp in vecs])
+            if st.op == "refresh":  # re-encrypt the masked polynomial exactly, never decoding it (refresh.py)
+                spec = MaskSpec(st.fn["value_bound"], st.fn["sigma"])
+                th = time.perf_counter()
+                blobs = [self._refresher().refresh(b, spec) for b in reply.blobs]
+                self.he += time.perf_counter() - th
             elif st.op == "client":
                 X = unpack(self._dec(reply.blobs, st.src_layout, sched.groups), st.src_layout, T)
                 Y = self.apply(st.fn, X)

@@ -62,7 +62,6 @@ def run_protocol(
     threads: int = 1,
     tamper: Tamper | None = None,
     client: Client | None = None,
-    seed: int | None = 0,
 ) -> RunResult:
     params = get_param_set(params)
     ids = np.asarray(ids)
@@ -78,12 +77,12 @@ def run_protocol(
     proc = None
     server = None
     if transport == "inprocess":
-        server = Server(_server_schedule(sched), threads=threads, seed=seed)
+        server = Server(_server_schedule(sched), threads=threads)
         tr = InProcessTransport(server.handle, tamper)
     elif transport == "tcp":
         ctx = mp.get_context("spawn")
         q = ctx.Queue()
-        proc = ctx.Process(target=serve_tcp, args=(_server_schedule(sched), threads, q, seed), daemon=True)
+        proc = ctx.Process(target=serve_tcp, args=(_server_schedule(sched), threads, q), daemon=True)
         proc.start()
         port = _server_port(q, proc)
         tr = TcpTransport("127.0.0.1", port, tamper)

@@ -39,8 +39,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .params import LevelBudgetError, ParamSet, sets_with_levels
+from .params import LevelBudgetError, ParamSet, secure_sets, sets_with_levels
 from .plan import ModelPlan
+from .refresh import MaskSpec, min_refresh_level
+
+
+class MaskHeadroomError(LevelBudgetError):
+    """The parameter set has no level with room for the hiding refresh's flooding mask where the circuit needs one."""
+
 
 NONLINEAR_DEFAULT_MODES = {"layernorm": "A", "attention": "A", "gelu": "A", "relu": "A"}
 ALLOWED_MODES = {"layernorm": {"A"}, "attention": {"A"}, "gelu": {"A", "C"}, "relu": {"A", "C"}}
@@ -288,6 +294,10 @@ def compile_schedule(
     allow_refresh: bool = True,
     poly_degree: int = 2,
     poly_interval: float = 4.0,
+    mask: MaskSpec | None = None,
+    _suggest: bool = True,
+    _cyclic: frozenset = frozenset(),
+    _relaxed: bool = True,
 ) -> Schedule:
     """Build the schedule and check the level budget before anything is encrypted.
 
@@ -312,10 +322,10 @@ def compile_schedule(
         """Pieces per chunk of a register of ``dim`` features: as many as fit (fewest ciphertexts)."""
         return min(math.ceil(dim / w), cap)
 
-    def layout(dim: int, cp: int | None = None, copies: int = 1) -> Layout:
+    def layout(dim: int, cp: int | None = None, copies: int = 1, reg: str | None = None) -> Layout:
         cp = max(1, min(pc(dim), cp or cap))
         n_c = cp * g * w
-        if copies * n_c >= slots:  # the copies a compact register needs do not fit: declare it cyclic
+        if copies * n_c >= slots or reg in _cyclic:  # the copies a compact register needs do not fit: declare it cyclic
             return Layout(dim, math.ceil(dim / w), cp, g, w, slots // n_c, slots)
         return Layout(dim, math.ceil(dim / w), cp, g, w, copies)
 
@@ -332,13 +342,26 @@ def compile_schedule(
     layouts: dict[str, Layout] = {}
     need = [0]
     failures: list[str] = []
+    mask_failures: list[str] = []
+    copy_short: set[str] = set()  # registers a refresh would have to re-replicate: retried as cyclic registers
+    mask = mask or MaskSpec()
+    floor = 0
+    if allow_refresh:
+        lowest = min_refresh_level(params, mask)
+        floor = L + 1 if lowest is None else lowest
 
     def fresh(reg: str, lay: Layout):
         levels[reg], consumed[reg], layouts[reg], valid[reg] = L, 0, lay, lay.copies
 
-    def ensure(reg: str, cost: int, layer: int, who: str, copies: int = 1):
+    def ensure(reg: str, cost: int, layer: int, who: str, copies: int = 1, to_client: bool = False):
+        """Make ``reg`` ready for an HE op of depth ``cost``: refresh (mode B) when levels or copies run short.
+
+        The op's output must stay at or above ``floor`` (the lowest level a hiding refresh can mask) unless it goes
+        straight to the client or the output (``to_client``), which never needs a refresh.
+        """
         need[0] = max(need[0], consumed[reg] + cost)
-        if levels[reg] >= cost and valid[reg] >= copies:
+        low = 0 if to_client else floor
+        if levels[reg] - cost >= low and valid[reg] >= copies:
             return
         if not allow_refresh:
             if levels[reg] < cost:
@@ -347,6 +370,13 @@ def compile_schedule(
                 failures.append(f"{who} needs {copies} replicated copies of {reg!r}, {valid[reg]} are valid")
             levels[reg], valid[reg] = L, layouts[reg].copies
             return
+        if levels[reg] < floor:
+            mask_failures.append(f"{who}: {reg!r} would be refreshed at level {levels[reg]} < {floor}")
+        if L - cost < low:
+            mask_failures.append(f"{who} needs {cost} level(s) above level {low}, a fresh ciphertext has {L - low}")
+        if valid[reg] < copies:  # the hiding refresh returns the same slots: it cannot restore replicated copies
+            copy_short.add(reg)
+            mask_failures.append(f"{who} needs {copies} replicated copies of {reg!r}, {valid[reg]} are valid")
         steps.append(
             Step(
                 f"{who}.refresh",
@@ -356,19 +386,20 @@ def compile_schedule(
                 "refresh",
                 src=reg,
                 dst=reg,
+                fn={"name": "refresh", **mask.to_dict()},
                 level_in=levels[reg],
                 level_out=L,
                 src_layout=layouts[reg],
                 dst_layout=layouts[reg],
             )
         )
-        fresh(reg, layouts[reg])
+        levels[reg], consumed[reg] = L, 0
 
-    def linear(name, layer, src, dst, W, b, residual=None, out_cp=None, out_layout=None):
+    def linear(name, layer, src, dst, W, b, residual=None, out_cp=None, out_layout=None, to_client=False):
         lin0 = layouts[src]
         lout = layouts[residual] if residual is not None else (out_layout or layout(W.shape[1], out_cp))
         need_copies = 1 if lin0.cyclic else copies_for(lin0.cp, lout.cp)
-        ensure(src, 1, layer, name, need_copies)
+        ensure(src, 1, layer, name, need_copies, to_client or _relaxed)
         lin = layouts[src]
         q_valid = valid_out_copies(lin, lout.cp, lout.copies, valid[src])
         weights[name] = LinearWeights(np.asarray(W, np.float64), b, lin, lout, q_valid, valid[src])
@@ -396,7 +427,7 @@ def compile_schedule(
         levels[dst], consumed[dst], layouts[dst], valid[dst] = lvl, cons, lout, q_valid
 
     def client_step(name, layer, kind, src, dst, fn, dst_dim, dst_cp=None, copies=1):
-        lay = layout(dst_dim, dst_cp, copies)
+        lay = layout(dst_dim, dst_cp, copies, dst)
         steps.append(
             Step(
                 name,
@@ -416,7 +447,7 @@ def compile_schedule(
         client[name] = fn
         fresh(dst, lay)
 
-    fresh("x", layout(w, 1, rx))
+    fresh("x", layout(w, 1, rx, "x"))
     steps.append(Step("input", -1, "input", "HE", "input", dst="x", level_out=L, dst_layout=layouts["x"]))
     s = 1.0  # the server's residual ciphertext holds x / s (scalars folded into plaintext weights)
     for i, blk in enumerate(plan.blocks):
@@ -436,9 +467,9 @@ def compile_schedule(
             )
             Wq = blk.ln1.gamma[:, None] * blk.w_qkv
             bq = blk.ln1.beta @ blk.w_qkv + blk.b_qkv
-            linear(f"L{i}.qkv", i, "h", "qkv", Wq, bq)
+            linear(f"L{i}.qkv", i, "h", "qkv", Wq, bq, to_client=True)
         else:
-            linear(f"L{i}.qkv", i, "x", "qkv", s * blk.w_qkv, blk.b_qkv)
+            linear(f"L{i}.qkv", i, "x", "qkv", s * blk.w_qkv, blk.b_qkv, to_client=True)
         fn = {"name": "attention", "n_head": blk.n_head}
         if blk.attn_scale is not None:
             fn["attn_scale"] = np.asarray(blk.attn_scale, dtype=np.float64).tolist()
@@ -451,7 +482,7 @@ def compile_schedule(
             # z feeds fc_out on the server unless the client applies the activation (mode A)
             z_direct = blk.act == "identity" or modes[kind_of(blk.act)] != "A"
             d_ff = blk.w_in.shape[1]
-            z_lay = layout(d_ff, None, copies_for(pc(d_ff), 1, layouts["x"].copies) if z_direct else 1)
+            z_lay = layout(d_ff, None, copies_for(pc(d_ff), 1, layouts["x"].copies) if z_direct else 1, "z")
             fc_in_copies = z_lay.copies if (z_direct and not z_lay.cyclic) else 1
             h_copies = copies_for(1, z_lay.cp, fc_in_copies)
         else:
@@ -482,7 +513,7 @@ def compile_schedule(
                 linear(f"L{i}.ffn", i, src, "x", W_in * k_out, b_f * k_out, residual="x")
         else:
             b1 = (b_in_ln @ blk.w_in if b_in_ln is not None else 0) + blk.b_in
-            linear(f"L{i}.fc_in", i, src, "z", W_in, b1, out_layout=z_lay)
+            linear(f"L{i}.fc_in", i, src, "z", W_in, b1, out_layout=z_lay, to_client=not z_direct)
             kind = kind_of(blk.act)
             if kind is None:  # identity activation, unfused: mode D
                 steps.append(
@@ -547,11 +578,12 @@ def compile_schedule(
         )
         Wh = plan.ln_f.gamma[:, None] * plan.w_head
         bh = plan.ln_f.beta @ plan.w_head + (plan.b_head if plan.b_head is not None else 0)
-        linear("lm_head", len(plan.blocks), "h", "logits", Wh, bh, out_cp=head_cp)
+        linear("lm_head", len(plan.blocks), "h", "logits", Wh, bh, out_cp=head_cp, to_client=True)
     else:  # the head reads the residual stream: as many logit pieces per chunk as x's copies allow
         lx = layouts["x"]
         fits = [c for c in range(1, pc(plan.vocab_size) + 1) if lx.cyclic or copies_for(1, c) <= lx.copies]
-        linear("lm_head", len(plan.blocks), "x", "logits", s * plan.w_head, plan.b_head, out_cp=max(fits or [1]))
+        head_cp = max(fits or [1])
+        linear("lm_head", len(plan.blocks), "x", "logits", s * plan.w_head, plan.b_head, out_cp=head_cp, to_client=True)
     steps.append(
         Step(
             "logits",
@@ -574,6 +606,51 @@ def compile_schedule(
                 if fits
                 else "No secure built-in parameter set fits; allow refreshes (mode B) or use client-aided modes."
             )
+        )
+    # Retries: registers a refresh would have to re-replicate become cyclic (they never lose copies); then, if a
+    # register was refreshed below the mask's level, plan again keeping every linear's output refreshable.
+    if mask_failures and (copy_short - _cyclic or _relaxed):
+        more = copy_short - _cyclic
+        return compile_schedule(
+            plan,
+            params,
+            seq_len,
+            modes,
+            allow_refresh=allow_refresh,
+            poly_degree=poly_degree,
+            poly_interval=poly_interval,
+            mask=mask,
+            _suggest=_suggest,
+            _cyclic=_cyclic | frozenset(more),
+            _relaxed=_relaxed and bool(more),
+        )
+    if mask_failures:
+        lowest = min_refresh_level(params, mask)
+        can = []
+        if _suggest:
+            for p in secure_sets():
+                if p.name == params.name:
+                    continue
+                try:
+                    compile_schedule(
+                        plan,
+                        p,
+                        seq_len,
+                        modes,
+                        poly_degree=poly_degree,
+                        poly_interval=poly_interval,
+                        mask=mask,
+                        _suggest=False,
+                    )
+                    can.append(p.name)
+                except (LevelBudgetError, ValueError):
+                    pass
+        raise MaskHeadroomError(
+            f"parameter set {params.name!r} cannot carry the hiding refresh (mode B) this circuit needs: the "
+            f"flooding mask (sigma={mask.sigma}, |values| <= {mask.value_bound}) fits only at level "
+            f"{'none' if lowest is None else f'>= {lowest}'} of {L}, leaving {max(0, L - (lowest or L))} level(s) "
+            f"between refreshes; first problems: {mask_failures[:3]}. "
+            + (f"Parameter sets that can: {can}." if can else "No built-in secure parameter set can; use mode A.")
         )
     used_modes = {st.kind: st.mode for st in steps if st.kind in ("layernorm", "attention", "gelu", "relu")}
     return Schedule(steps, params, seq_len, g, groups, w, weights, client, used_modes)

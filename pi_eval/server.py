@@ -11,10 +11,11 @@ import socket
 import time
 import traceback
 
-import numpy as np
 import tenseal as ts
 
 from .channel import ChannelError, Message, recv_frame
+from .rawpoly import RawCKKS
+from .refresh import MaskSpec, ServerMasker
 from .schedule import Schedule
 
 
@@ -34,14 +35,12 @@ class _Timer:
 
 
 class Server:
-    def __init__(self, schedule: Schedule, *, threads: int = 1, mask_bound: float = 64.0, seed: int | None = None):
+    def __init__(self, schedule: Schedule, *, threads: int = 1):
         self.sched = schedule
         self.threads = threads
-        self.mask_bound = mask_bound
-        self.rng = np.random.default_rng(seed)
         self.ctx: ts.Context | None = None
+        self.masker: ServerMasker | None = None  # mode B (hiding refresh), built once the public context is known
         self.regs: dict[str, list[list]] = {}
-        self.masks: dict[str, list[list[np.ndarray]]] = {}
         self.pc = 0
         self.done = False
         self.aborted: str | None = None
@@ -105,6 +104,9 @@ class Server:
             raise ValueError(f"context N={n} does not match the schedule's parameter set {self.sched.params.name}")
         self.ctx = ctx
         assert not self.holds_secret_key()
+        if any(st.op == "refresh" for st in self.sched.steps):
+            raw = self.t.he_call(RawCKKS, self.sched.params, ctx)
+            self.masker = ServerMasker(raw, 2.0**self.sched.params.scale_bits)
         self.setup_stats["context_load_s"] = time.perf_counter() - t0
         return Message("setup_ack", "setup", {"server_has_secret_key": self.holds_secret_key()})
 
@@ -128,14 +130,14 @@ class Server:
             raise ValueError(f"out-of-order message: got {msg.label!r}, expected {st.name!r}")
         t0, h0 = time.perf_counter(), self.t.he
         rec = self._stat(st.name)
-        regs = self._load(st, msg.blobs, st.dst_layout)
-        if st.op == "refresh":
-            masks = self.masks.pop(st.name)
-            regs = [
-                [self.t.he_call(ct.__sub__, masks[j][c].tolist()) for c, ct in enumerate(grp)]
-                for j, grp in enumerate(regs)
-            ]
-        self.regs[st.dst] = regs
+        blobs = msg.blobs
+        if st.op == "refresh":  # remove the mask from the client's fresh ciphertexts
+            if len(blobs) != self.sched.groups * st.dst_layout.chunks:
+                raise ValueError(
+                    f"{st.name}: expected {self.sched.groups * st.dst_layout.chunks} ciphertexts, got {len(blobs)}"
+                )
+            blobs = self.t.he_call(self.masker.unmask, st.name, blobs)
+        self.regs[st.dst] = self._load(st, blobs, st.dst_layout)
         rec["server_s"] += time.perf_counter() - t0
         rec["he_s"] += self.t.he - h0
         self.pc += 1
@@ -157,18 +159,10 @@ class Server:
                 pass
             elif st.op in ("client", "refresh", "output"):
                 src = self.regs[st.src]
-                if st.op == "refresh":
-                    lay = st.src_layout  # one mask per chunk, tiled over the copies (the client re-tiles copy 0)
-                    masks = [
-                        [lay.replicate(self.rng.uniform(-self.mask_bound, self.mask_bound, lay.n_c)) for _ in grp]
-                        for grp in src
-                    ]
-                    self.masks[st.name] = masks
-                    src = [
-                        [self.t.he_call(ct.__add__, masks[j][c].tolist()) for c, ct in enumerate(grp)]
-                        for j, grp in enumerate(src)
-                    ]
                 blobs = [self.t.he_call(ct.serialize) for grp in src for ct in grp]
+                if st.op == "refresh":  # every coefficient masked, see pi_eval/refresh.py
+                    spec = MaskSpec(st.fn["value_bound"], st.fn["sigma"])
+                    blobs = self.t.he_call(self.masker.mask, st.name, blobs, spec)
                 rec["server_s"] += time.perf_counter() - t0
                 rec["he_s"] += self.t.he - h0
                 if st.op == "output":
@@ -221,9 +215,9 @@ class Server:
 
 
 # ---------------------------------------------------------------------------------------------- TCP server process
-def serve_tcp(schedule: Schedule, threads: int, port_queue, seed: int | None = None) -> None:
+def serve_tcp(schedule: Schedule, threads: int, port_queue) -> None:
     """Entry point of the server process (multiprocessing spawn): listen on 127.0.0.1, serve one client."""
-    srv = Server(schedule, threads=threads, seed=seed)
+    srv = Server(schedule, threads=threads)
     lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     lsock.bind(("127.0.0.1", 0))
     lsock.listen(1)
