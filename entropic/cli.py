@@ -23,6 +23,7 @@ os.environ.setdefault("MPLCONFIGDIR", os.path.join(os.environ.get("ENTROPIC_CACH
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from entropic.callbacks.run_record import RunRecord
 from entropic.data import EntropicDataModule
 from entropic.export import MODEL_DIR, export_model, export_run
 from entropic.lightning_module import EntropicLM
@@ -49,6 +50,7 @@ class EntropicCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RunRecord, "run_record")  # the report's source: works with any logger
         # last.ckpt every 100 optimizer steps (and at the end), so a killed run resumes with --ckpt_path last.
         # With save_top_k=0 Lightning writes `last` only on this step cadence, not at validation or epoch end.
         parser.set_defaults(

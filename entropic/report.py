@@ -1,13 +1,14 @@
 """Side-by-side report of training runs: final validation loss and perplexity, divergence, entropy bins, speed.
 
-A run directory is what a recipe's Trainer writes: ``metrics.csv`` from the CSV logger, ``config.yaml`` and
-``hparams.yaml``, and the entropy figures. ``entropic report RUN_DIR...`` prints the table and writes it as
-Markdown and JSON.
+A run directory is what a recipe's Trainer writes. Runs of ``entropic fit`` hold ``summary.json``, written from
+the run's own state by :class:`entropic.callbacks.RunRecord` (any logger, or none); older runs are read from the
+CSV logger's ``metrics.csv``. ``entropic report RUN_DIR...`` prints the table and writes it as Markdown and JSON.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,6 +16,9 @@ from pathlib import Path
 import yaml
 
 from entropic.io import atomic_write_json, atomic_write_text
+
+SUMMARY_FILE = "summary.json"
+"""Written into a run directory at the end of ``fit`` by :class:`entropic.callbacks.RunRecord`."""
 
 BIN_KEYS = tuple(f"entropy/bin_{k}_share" for k in range(4))
 BIN_LABELS = ("[0,max/4)", "[max/4,max/2)", "[max/2,3max/4)", "[3max/4,max]")
@@ -46,7 +50,9 @@ def find_metrics_files(run_dir: Path) -> list[Path]:
         raise FileNotFoundError(f"run directory {str(run_dir)!r} does not exist")
     candidates = sorted(run_dir.rglob("metrics.csv"), key=lambda p: (p.stat().st_mtime, str(p)))
     if not candidates:
-        raise FileNotFoundError(f"no metrics.csv under {str(run_dir)!r}: was it trained with the CSV logger?")
+        raise FileNotFoundError(
+            f"no {SUMMARY_FILE} and no metrics.csv under {str(run_dir)!r}: is it a run directory of `entropic fit`?"
+        )
     return candidates
 
 
@@ -111,8 +117,15 @@ def _arch(run_dir: Path, metrics_file: Path) -> str | None:
 
 
 def summarize_run(run_dir: str | Path) -> RunSummary:
-    """Reads one run directory into a :class:`RunSummary`."""
+    """Reads one run directory into a :class:`RunSummary`: its ``summary.json``, else its CSV metrics.
+
+    Raises:
+        FileNotFoundError: the directory does not exist, or holds neither file.
+    """
     run_path = Path(run_dir)
+    summary_file = run_path / SUMMARY_FILE
+    if summary_file.is_file():
+        return RunSummary(**{**json.loads(summary_file.read_text()), "run_dir": str(run_path)})
     metrics_file = find_metrics_files(run_path)[-1]
     rows = read_run_metrics(run_path)
     train_losses = [_as_float(r.get("train/loss")) for r in rows]

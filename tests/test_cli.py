@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import json
+import math
 import os
 import signal
 import subprocess
@@ -168,3 +170,24 @@ def test_report_command_compares_runs_side_by_side(tmp_path, capsys):
     assert "arch-a" in lines[0] and "7.389" in lines[0] and "| no |" in lines[0]
     assert "arch-b" in lines[1] and "| yes |" in lines[1]
     assert (tmp_path / "report.json").is_file()
+
+
+@pytest.mark.parametrize("logger", ["false", "tensorboard"])
+def test_report_comes_from_the_runs_state_with_any_logger_or_none(tmp_path, logger):
+    root = tmp_path / "run"
+    if logger == "tensorboard":
+        options = [
+            "--trainer.logger=lightning.pytorch.loggers.TensorBoardLogger",
+            f"--trainer.logger.save_dir={tmp_path / 'tb'}",
+        ]
+    else:
+        options = ["--trainer.logger=false"]
+    result = _fit(root, "--trainer.max_steps=4", *options)
+    assert not list(root.rglob("metrics.csv"))  # no CSV logger ran
+    summary = json.loads((root / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["arch"] == "SM(t)+ScFuFFN" and summary["diverged"] is False
+    assert summary["val_ppl"] == pytest.approx(math.exp(summary["val_loss"]), rel=1e-4)
+    assert sum(summary["bin_shares"]) == pytest.approx(1.0) and summary["tokens_per_sec"] > 0
+    assert "SM(t)+ScFuFFN" in (root / "report.md").read_text() and "Report written" in result.stdout
+    if logger == "tensorboard":
+        assert list((tmp_path / "tb").rglob("events.out.tfevents.*"))

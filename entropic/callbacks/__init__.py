@@ -2,5 +2,6 @@
 
 from entropic.callbacks.monitor import AttentionEntropyMonitor
 from entropic.callbacks.regularization import EntropyRegularization
+from entropic.callbacks.run_record import RunRecord
 
-__all__ = ["AttentionEntropyMonitor", "EntropyRegularization"]
+__all__ = ["AttentionEntropyMonitor", "EntropyRegularization", "RunRecord"]
