@@ -31,10 +31,13 @@ Fully masked query rows (e.g. left-padding positions under a causal mask) get ou
 whereas eager attention spreads them uniformly over all keys; the hidden states of padding positions
 therefore differ from eager's, while every non-padding position matches.
 
+Logit soft-capping (``softcap``, Gemma 2) also runs the dense fallback, with the capped logits.
+
 ``output_attentions=True`` yields ``None`` for each layer (the point is not to materialize them);
 read :func:`entropic.ops.collect_row_entropies` instead (the model's recorder, attached by
-:func:`use_entropic_attention`). Attention sinks (``s_aux``) and logit
-soft-capping (``softcap``) are not supported and raise.
+:func:`use_entropic_attention`). Attention sinks (``s_aux``) are not supported and raise.
+Models whose attention does not go through ``AttentionInterface`` (Falcon, Bloom, ...) are refused by
+:func:`use_entropic_attention` with the reason.
 """
 
 from __future__ import annotations
@@ -118,14 +121,18 @@ def _dense_attention(
     bias: torch.Tensor | None,
     dropout: float,
     training: bool,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Materialized attention + entropy (fp32) for masks or dropout the fused op cannot express.
+    """Materialized attention + entropy (fp32) for masks, dropout or soft-capping the fused op cannot express.
 
     Entropy is that of the pre-dropout probabilities; rows with no visible key give output 0 and
-    entropy 0; masked entries never produce NaN, in the values or in the gradients.
+    entropy 0; masked entries never produce NaN, in the values or in the gradients. With ``softcap`` the
+    logits are ``softcap · tanh(s / softcap)`` (Gemma 2), and H = LSE − E_p[s] holds for the capped logits.
     """
     t_q, t_k = query.shape[-2], key.shape[-2]
     s = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
     if bias is not None:
         s = s + bias.float()
     visible = torch.ones(1, 1, t_q, t_k, dtype=torch.bool, device=query.device)
@@ -164,8 +171,7 @@ def entropic_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """The ``AttentionInterface`` function: q, k, v [B, H, T, D] -> ([B, T, H, D], None); records row entropies."""
-    if kwargs.get("softcap") is not None:
-        raise NotImplementedError('attn_implementation="entropic" does not support logit soft-capping (softcap)')
+    softcap = kwargs.get("softcap")
     if kwargs.get("s_aux") is not None:
         raise NotImplementedError('attn_implementation="entropic" does not support attention sinks (s_aux)')
     if key.shape[1] != query.shape[1]:  # grouped-query attention
@@ -192,8 +198,13 @@ def entropic_attention_forward(
             causal, padding = decoded
             bool_mask = None
 
-    if bool_mask is not None or bias is not None or use_dropout:
-        if use_dropout:
+    if bool_mask is not None or bias is not None or use_dropout or softcap is not None:
+        if softcap is not None:
+            _warn_once(
+                "softcap",
+                "entropic attention: logit soft-capping (e.g. Gemma 2) runs a materialized [B, H, T, T] attention.",
+            )
+        elif use_dropout:
             _warn_once(
                 "dropout",
                 "entropic attention: attention dropout > 0 in training runs a materialized [B, H, T, T] attention "
@@ -217,6 +228,7 @@ def entropic_attention_forward(
             bias=bias,
             dropout=dropout,
             training=training,
+            softcap=None if softcap is None else float(softcap),
         )
     else:
         out, row_entropy = entropic_attention(
@@ -255,6 +267,13 @@ def use_entropic_attention(model: nn.Module) -> bool:
         return False
     if not hasattr(model, "set_attn_implementation"):
         raise ValueError(f"{type(model).__name__} is not a transformers PreTrainedModel (no set_attn_implementation)")
+    if not getattr(model, "_supports_attention_backend", False):
+        raise ValueError(
+            f"{type(model).__name__} computes attention in its own code instead of dispatching through transformers' "
+            "AttentionInterface, so entropic cannot run its attention or record entropies. Use a decoder from the "
+            "README's table (GPT-2, Llama, Qwen, Mistral, Gemma, ...) or one of entropic's models "
+            "(entropic.models.EntropicForCausalLM)."
+        )
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     if not is_entropic_attention(model):
         raise ValueError(f"{type(model).__name__} did not accept attn_implementation={ATTN_IMPLEMENTATION!r}")

@@ -201,8 +201,8 @@ def test_mask_decoding():
 
 def test_unsupported_features_raise():
     q = k = v = torch.randn(1, 2, 4, 8)
-    with pytest.raises(NotImplementedError, match="softcap"):
-        hf.entropic_attention_forward(torch.nn.Module(), q, k, v, None, softcap=30.0)
+    with pytest.raises(NotImplementedError, match="s_aux"):
+        hf.entropic_attention_forward(torch.nn.Module(), q, k, v, None, s_aux=torch.zeros(2))
 
 
 def test_cached_generation_runs():
