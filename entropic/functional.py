@@ -371,7 +371,8 @@ def heads_in_band(
     return float((dev.abs() <= tolerance * e_max).float().mean())
 
 
-BIN_LABELS = ("0-25", "25-50", "50-75", "75-100")
+BIN_LABELS = ("[0, max/4)", "[max/4, max/2)", "[max/2, 3max/4)", "[3max/4, max]")
+"""How tables and figures name the four entropy bins (quarters of the maximum head entropy)."""
 
 
 @dataclass(frozen=True)
@@ -390,9 +391,9 @@ class EntropyBinShares:
     max_value: float
     n_nonfinite: int = 0
 
-    def as_dict(self, prefix: str = "entropy/bins/") -> dict[str, float]:
-        """Flat ``{prefix + "0-25": share, ...}`` for loggers."""
-        return {f"{prefix}{label}": share for label, share in zip(BIN_LABELS, self.shares, strict=True)}
+    def as_dict(self, prefix: str = "entropy/") -> dict[str, float]:
+        """Flat ``{prefix + "bin_0_share": share, ...}`` for loggers (the keys the monitor logs)."""
+        return {f"{prefix}bin_{k}_share": share for k, share in enumerate(self.shares)}
 
 
 def _bin_index(head_ent: torch.Tensor, max_value: float) -> torch.Tensor:

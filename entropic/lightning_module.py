@@ -12,7 +12,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch import nn
 
 from entropic.models import EntropicConfig, EntropicForCausalLM
 
@@ -163,8 +162,3 @@ def warmup_linear_decay(total_steps: int, warmup_fraction: float, min_lr_fractio
     """The paper's schedule (HF ``polynomial`` with power 1) as a LambdaLR multiplier."""
     warmup = math.ceil(warmup_fraction * total_steps)
     return _WarmupLinearDecay(total_steps, warmup, min_lr_fraction)
-
-
-def count_parameters(module: nn.Module) -> int:
-    """Number of trainable parameters of ``module``."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import yaml
 
+from entropic.functional import BIN_LABELS
 from entropic.io import atomic_write_json, atomic_write_text
 
 SUMMARY_FILE = "summary.json"
 """Written into a run directory at the end of ``fit`` by :class:`entropic.callbacks.RunRecord`."""
 
 BIN_KEYS = tuple(f"entropy/bin_{k}_share" for k in range(4))
-BIN_LABELS = ("[0,max/4)", "[max/4,max/2)", "[max/2,3max/4)", "[3max/4,max]")
 
 
 @dataclass

@@ -41,7 +41,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from entropic.callbacks.plotting import new_figure, save_figure  # noqa: E402
-from entropic.functional import entropy_bin_shares, entropy_collapse, mean_causal_max_entropy  # noqa: E402
+from entropic.functional import (  # noqa: E402
+    BIN_LABELS,
+    entropy_bin_shares,
+    entropy_collapse,
+    mean_causal_max_entropy,
+)
 from entropic.io import atomic_write_json, atomic_write_text  # noqa: E402
 from entropic.report import _as_float, _fmt, read_run_metrics, summarize_run  # noqa: E402
 
@@ -581,7 +586,7 @@ def plot_bins(arms: list[Arm], runs: dict, path: Path) -> Path:
         shares = np.mean([r.bin_shares for r in rs], axis=0) * 100
         ax.bar(np.arange(4) + (i - (len(shown) - 1) / 2) * width, shares, width, label=arm.label)
     ax.set_xticks(range(4))
-    ax.set_xticklabels(["[0, max/4)", "[max/4, max/2)", "[max/2, 3max/4)", "[3max/4, max]"])
+    ax.set_xticklabels(BIN_LABELS)
     ax.set_ylabel("share of heads (%)")
     ax.set_title("final per-head entropy bins, mean over seeds (max = causal maximum)")
     ax.legend(fontsize=6, ncol=3)

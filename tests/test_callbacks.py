@@ -14,19 +14,16 @@ import sys
 import textwrap
 import warnings
 
+import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from transformers import GPT2Config, GPT2LMHeadModel
 
-pl = pytest.importorskip("lightning.pytorch")
-transformers = pytest.importorskip("transformers")
-
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
-from lightning.pytorch.loggers import Logger  # noqa: E402
-from lightning.pytorch.utilities.exceptions import MisconfigurationException  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
-
-from entropic.callbacks import AttentionEntropyMonitor, EntropyRegularization  # noqa: E402
-from entropic.regularizer import EntropyPenalty, entropy_penalty_from_model, prepare_model  # noqa: E402
+from entropic.callbacks import AttentionEntropyMonitor, EntropyRegularization
+from entropic.regularizer import EntropyPenalty, entropy_penalty_from_model, prepare_model
 
 VOCAB, T, B = 64, 16, 4
 CONFIG = GPT2Config(

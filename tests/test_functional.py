@@ -279,10 +279,10 @@ def test_entropy_bin_shares_use_the_largest_observed_head():
     assert bins.counts == (2, 2, 1, 3)
     assert bins.shares == (0.25, 0.25, 0.125, 0.375)
     assert bins.as_dict() == {
-        "entropy/bins/0-25": 0.25,
-        "entropy/bins/25-50": 0.25,
-        "entropy/bins/50-75": 0.125,
-        "entropy/bins/75-100": 0.375,
+        "entropy/bin_0_share": 0.25,
+        "entropy/bin_1_share": 0.25,
+        "entropy/bin_2_share": 0.125,
+        "entropy/bin_3_share": 0.375,
     }
     fixed = F.entropy_bin_shares(heads, max_value=8.0)
     assert fixed.counts == (4, 3, 1, 0)

@@ -209,8 +209,7 @@ class AttentionEntropyMonitor(Callback):
                     metrics[f"entropy/layer_{layer}/head_{head}"] = float(head_mean[layer, head])
             metrics[f"entropy/layer_{layer}/mean"] = float(head_mean[layer].mean())
         metrics["entropy/mean"] = float(head_mean.mean())
-        for k, share in enumerate(entropy_bin_shares(torch.as_tensor(head_mean)).shares):
-            metrics[f"entropy/bin_{k}_share"] = float(share)
+        metrics.update(entropy_bin_shares(torch.as_tensor(head_mean)).as_dict())
         return metrics
 
     # ------------------------------------------------------------------ detection

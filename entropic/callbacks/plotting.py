@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from entropic.functional import BIN_LABELS
+
 __all__ = [
     "BIN_LABELS",
     "entropy_bin_shares",
@@ -21,8 +23,6 @@ __all__ = [
     "plot_layer_history",
     "save_figure",
 ]
-
-BIN_LABELS = ("[0, max/4)", "[max/4, max/2)", "[max/2, 3max/4)", "[3max/4, max]")
 
 
 def entropy_bin_shares(head_means: np.ndarray) -> np.ndarray:

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from entropic.env import env_flag
+
 STDLIB = "stdlib"
 HUB_PREFIX = "hub:"
 TEXT_SUFFIXES = frozenset(
@@ -57,7 +59,7 @@ def default_cache_dir() -> Path:
 
 def is_offline() -> bool:
     """True when any of the Hugging Face offline variables is set to a truthy value."""
-    return any(os.environ.get(v, "").strip().lower() in {"1", "true", "yes", "on"} for v in _OFFLINE_VARS)
+    return any(env_flag(v) for v in _OFFLINE_VARS)
 
 
 def stable_hash(text: str, salt: str = "") -> int:

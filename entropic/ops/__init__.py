@@ -15,11 +15,11 @@ Backends of :func:`entropic_attention`:
 from __future__ import annotations
 
 import importlib
-import os
 from collections.abc import Callable
 
 import torch
 
+from entropic.env import env_flag
 from entropic.ops.reference import reference_entropic_attention
 from entropic.ops.torch_attention import DEFAULT_CHUNK_SIZE, torch_entropic_attention
 
@@ -55,7 +55,7 @@ def _load_triton_kernel() -> tuple[Callable | None, str]:
 
 
 def _interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+    return env_flag("TRITON_INTERPRET")
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:

@@ -10,7 +10,7 @@ Triton's interpreter; that is how the CPU tests run them.
 
 from __future__ import annotations
 
-import os
+from entropic.env import env_flag
 
 __all__ = ["TRITON_AVAILABLE", "TRITON_IMPORT_ERROR", "interpreter_enabled", "triton_entropic_attention"]
 
@@ -42,4 +42,4 @@ def interpreter_enabled() -> bool:
     """True when TRITON_INTERPRET=1 is set (Triton then runs kernels on CPU tensors in its interpreter)."""
     if _interp is not None:
         return _interp()
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in {"1", "true", "yes", "on"}
+    return env_flag("TRITON_INTERPRET")

@@ -30,12 +30,13 @@ bf16 inputs are upcast to fp32 on the host before the launch and the results cas
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
+
+from entropic.env import env_flag
 
 __all__ = [
     "EntropicAttentionFunction",
@@ -47,7 +48,7 @@ _NEG_BIG = tl.constexpr(-1.0e30)  # finite "minus infinity" for the running max 
 
 
 def _env_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in {"1", "true", "yes", "on"}
+    return env_flag("TRITON_INTERPRET")
 
 
 # Kernels are JIT-decorated at import time, so the interpreter decision is made then and fixed for the process.
