@@ -12,6 +12,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from transformers import get_constant_schedule_with_warmup, get_polynomial_decay_schedule_with_warmup
 
 from entropic.models import EntropicConfig, EntropicForCausalLM
 
@@ -140,25 +141,15 @@ class EntropicLM(pl.LightningModule):
             self.parameter_groups(), lr=self.hparams.learning_rate, betas=self.hparams.betas, eps=self.hparams.eps
         )
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
-        schedule = warmup_linear_decay(total_steps, self.hparams.warmup_fraction, self.hparams.min_lr_fraction)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        warmup = math.ceil(self.hparams.warmup_fraction * total_steps)
+        if self.hparams.min_lr_fraction >= 1.0:
+            scheduler = get_constant_schedule_with_warmup(optimizer, num_warmup_steps=warmup)
+        else:  # the paper's schedule (Hugging Face "linear", or "polynomial" of power 1 with a floor)
+            scheduler = get_polynomial_decay_schedule_with_warmup(
+                optimizer,
+                num_warmup_steps=warmup,
+                num_training_steps=total_steps,
+                lr_end=self.hparams.learning_rate * self.hparams.min_lr_fraction,
+                power=1.0,
+            )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-class _WarmupLinearDecay:
-    """Picklable LR multiplier: linear warm-up over ``warmup`` steps, then linear decay to ``floor`` at ``total``."""
-
-    def __init__(self, total: int, warmup: int, floor: float) -> None:
-        self.total, self.warmup, self.floor = total, warmup, floor
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup:
-            return (step + 1) / self.warmup
-        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
-        return self.floor + (1.0 - self.floor) * (1.0 - progress)
-
-
-def warmup_linear_decay(total_steps: int, warmup_fraction: float, min_lr_fraction: float) -> _WarmupLinearDecay:
-    """The paper's schedule (HF ``polynomial`` with power 1) as a LambdaLR multiplier."""
-    warmup = math.ceil(warmup_fraction * total_steps)
-    return _WarmupLinearDecay(total_steps, warmup, min_lr_fraction)

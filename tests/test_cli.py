@@ -89,6 +89,18 @@ def test_export_writes_the_model_directory_of_an_earlier_run(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["export", str(tmp_path / "nothing")])
     assert "no checkpoint at" in capsys.readouterr().err
+    # The encrypted-inference harness runs the model directory as it is.
+    bench = [sys.executable, "-m", "pi_eval", "bench", "--checkpoint", str(root / "model"), "--seq-len", "8"]
+    result = subprocess.run(
+        [*bench, "--threads", "1", "--out", str(tmp_path / "pi")],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads((tmp_path / "pi" / "report.json").read_text())
+    assert report["top1_agreement"] == 1.0 and report["max_abs_logit_error"] < 1e-3
 
 
 def test_killed_run_resumes_from_last_checkpoint_without_losing_metrics(tmp_path):
