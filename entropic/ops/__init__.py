@@ -5,8 +5,11 @@ Backends of :func:`entropic_attention`:
 * ``"triton"``: the fused Triton kernels of ``entropic_kernels`` (FlashAttention-style, O(T) memory).
   On a CPU tensor they run under the Triton interpreter, which needs ``TRITON_INTERPRET=1`` in the
   environment *before* the kernels are imported (slow; for tests only).
-* ``"torch"``: :func:`entropic.ops.torch_attention.torch_entropic_attention`, exact and chunked over
-  queries with recomputation in backward (O(T) saved memory per head), for CPU and machines without Triton.
+* ``"torch"``: exact PyTorch paths with O(T) saved memory per head, for CPU and machines without Triton. On
+  fp32 CPU tensors without key padding (causal with equal query and key lengths, or not causal),
+  :func:`entropic.ops.flash_cpu.flash_entropic_attention` on PyTorch's fused CPU flash kernel; otherwise
+  :func:`entropic.ops.torch_attention.torch_entropic_attention`, chunked over queries with recomputation in
+  backward.
 * ``"reference"``: :func:`reference_entropic_attention`, the eager oracle that materializes the
   [B, H, T, T] probabilities.
 * ``"auto"`` (default): ``"triton"`` for CUDA tensors when Triton and the kernels import, else ``"torch"``.
@@ -15,11 +18,13 @@ Backends of :func:`entropic_attention`:
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable
 
 import torch
 
 from entropic.env import env_flag
+from entropic.ops.flash_cpu import flash_cpu_applies, flash_entropic_attention
 from entropic.ops.reference import reference_entropic_attention
 from entropic.ops.torch_attention import DEFAULT_CHUNK_SIZE, torch_entropic_attention
 
@@ -56,6 +61,10 @@ def _load_triton_kernel() -> tuple[Callable | None, str]:
 
 def _interpreter_enabled() -> bool:
     return env_flag("TRITON_INTERPRET")
+
+
+def _scale(q: torch.Tensor, scale: float | None) -> float:
+    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -173,6 +182,9 @@ def entropic_attention(
         assert fn is not None
         return fn(q, k, v, **kwargs)
     if chosen == "torch":
+        if q.dtype == torch.float32 and flash_cpu_applies(q, k, causal, key_padding_mask):
+            # fp64 stays on the chunked path: the fused kernel accumulates fp64 inputs less exactly (~1e-7).
+            return flash_entropic_attention(q, k, v, causal=causal, scale=_scale(q, scale), temperature=temperature)
         return torch_entropic_attention(q, k, v, chunk_size=DEFAULT_CHUNK_SIZE, **kwargs)
     return reference_entropic_attention(q, k, v, **kwargs)
 
