@@ -20,16 +20,36 @@ from pathlib import Path
 # otherwise; keep it in the project cache like every other cache of a run.
 os.environ.setdefault("MPLCONFIGDIR", os.path.join(os.environ.get("ENTROPIC_CACHE", ".cache/entropic"), "matplotlib"))
 
-from lightning.pytorch.callbacks import ModelCheckpoint
+from typing import Any
+
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from entropic.callbacks.run_record import RunRecord
 from entropic.data import EntropicDataModule
+from entropic.env import env_flag
 from entropic.export import MODEL_DIR, export_model, export_run
 from entropic.lightning_module import EntropicLM
 from entropic.report import write_report
 
 DEFAULT_ROOT_DIR = "runs/default"
+
+DESCRIPTION = (
+    "Train the paper's architectures from a recipe (fit, validate, test). Two more commands: "
+    "`entropic report RUN_DIR...` (side-by-side table of runs) and `entropic export RUN_DIR` (the model directory "
+    "of a finished run). Set ENTROPIC_DEBUG=1 to see tracebacks of input errors."
+)
+
+
+class StepProgressBar(RichProgressBar):
+    """Rich progress bar that shows the step budget instead of "Epoch 0/-2" when training is bounded by steps."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        trainer = self.trainer
+        if trainer.max_epochs in (None, -1) and trainer.max_steps and trainer.max_steps > 0:
+            return f"Epoch {current_epoch}, step budget {trainer.max_steps}"
+        return super()._get_train_description(current_epoch)
 
 
 def _checkpoint_dir(root: str | None) -> str:
@@ -59,6 +79,13 @@ class EntropicCLI(LightningCLI):
         parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=_checkpoint_dir)
         parser.link_arguments("model.n_positions", "data.max_block_size")
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        bar = trainer.progress_bar_callback
+        if type(bar) is RichProgressBar:  # Lightning's default one: swap in the step-aware description
+            trainer.callbacks[trainer.callbacks.index(bar)] = StepProgressBar()
+        return trainer
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -110,12 +137,19 @@ def main(argv: list[str] | None = None) -> int:
         return _report_main(args[1:])
     if args and args[0] == "export":
         return _export_main(args[1:])
-    EntropicCLI(
-        EntropicLM,
-        EntropicDataModule,
-        args=args,
-        save_config_kwargs={"overwrite": True},
-    )
+    try:
+        EntropicCLI(
+            EntropicLM,
+            EntropicDataModule,
+            args=argv,  # None: LightningCLI reads sys.argv itself (passing both makes it warn)
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"description": DESCRIPTION},
+        )
+    except (FileNotFoundError, ValueError) as error:  # bad paths and settings: one line, not a traceback
+        if env_flag("ENTROPIC_DEBUG"):
+            raise
+        print(f"entropic: error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

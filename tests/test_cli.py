@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -139,30 +140,47 @@ def test_killed_run_resumes_from_last_checkpoint_without_losing_metrics(tmp_path
         assert "12" in handle.read()
 
 
-def _run_in_process(*args: str) -> None:
+def _refused(capsys, *args: str) -> str:
+    """Runs the CLI in process and returns its one-line error (exit status 2, no traceback)."""
     with mock.patch.object(sys, "argv", ["entropic"]):
-        main(list(args))
+        assert main(list(args)) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [x for x in err.splitlines() if x.startswith("entropic: error: ")]
+    return line
 
 
-def test_unknown_architecture_is_refused_before_training(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown preset 'SM\+XYZ'.*SM\+LN\+G"):
-        _run_in_process("fit", "--config", str(DEBUG), f"--trainer.default_root_dir={tmp_path}", "--model.arch=SM+XYZ")
+def test_unknown_architecture_is_refused_before_training(tmp_path, capsys):
+    line = _refused(
+        capsys, "fit", "--config", str(DEBUG), f"--trainer.default_root_dir={tmp_path}", "--model.arch=SM+XYZ"
+    )
+    assert re.search(r"unknown preset 'SM\+XYZ'.*SM\+LN\+G", line)
     assert not (tmp_path / "checkpoints").exists()
 
 
-def test_empty_data_folder_is_refused_before_training(tmp_path):
+def test_empty_data_folder_is_refused_before_training(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(ValueError, match="empty"):
-        _run_in_process(
-            "fit", "--config", str(DEBUG), f"--trainer.default_root_dir={tmp_path}", f"--data.source={empty}"
-        )
+    line = _refused(
+        capsys, "fit", "--config", str(DEBUG), f"--trainer.default_root_dir={tmp_path}", f"--data.source={empty}"
+    )
+    assert "empty" in line
     assert not (tmp_path / "checkpoints").exists()
 
 
-def test_block_size_above_the_model_context_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="block_size=64 is above the model's context"):
-        _run_in_process("fit", "--config", str(DEBUG), f"--trainer.default_root_dir={tmp_path}", "--data.block_size=64")
+def test_missing_data_path_is_one_clear_line(tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    line = _refused(
+        capsys, "fit", "--config", str(DEBUG), f"--trainer.default_root_dir={tmp_path}", f"--data.source={missing}"
+    )
+    assert str(missing) in line and "does not exist" in line
+
+
+def test_block_size_above_the_model_context_is_refused(tmp_path, capsys):
+    line = _refused(
+        capsys, "fit", "--config", str(DEBUG), f"--trainer.default_root_dir={tmp_path}", "--data.block_size=64"
+    )
+    assert "block_size=64 is above the model's context" in line
 
 
 def test_report_command_compares_runs_side_by_side(tmp_path, capsys):
@@ -203,3 +221,22 @@ def test_report_comes_from_the_runs_state_with_any_logger_or_none(tmp_path, logg
     assert "SM(t)+ScFuFFN" in (root / "report.md").read_text() and "Report written" in result.stdout
     if logger == "tensorboard":
         assert list((tmp_path / "tb").rglob("events.out.tfevents.*"))
+
+
+def test_progress_bar_names_the_step_budget_not_a_negative_epoch():
+    from types import SimpleNamespace
+
+    from entropic.cli import StepProgressBar
+
+    bar = StepProgressBar()
+    bar._trainer = SimpleNamespace(max_epochs=-1, max_steps=400)
+    assert bar._get_train_description(0).strip() == "Epoch 0, step budget 400"
+    bar._trainer = SimpleNamespace(max_epochs=3, max_steps=-1)
+    assert bar._get_train_description(1).strip() == "Epoch 1/2"
+
+
+def test_help_names_every_command(capsys):
+    with pytest.raises(SystemExit), mock.patch.object(sys, "argv", ["entropic", "--help"]):
+        main()
+    out = capsys.readouterr().out
+    assert "entropic report" in out and "entropic export" in out and "fit" in out
