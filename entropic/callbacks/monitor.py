@@ -16,6 +16,7 @@ from typing_extensions import override
 
 from entropic.callbacks.plotting import plot_bin_histogram, plot_head_heatmap, plot_layer_history
 from entropic.functional import entropic_overload, entropy_bin_shares, entropy_collapse
+from entropic.metrics import HeadEntropyMean
 from entropic.ops.recording import EntropyRecorder, find_recorder
 from entropic.regularizer import prepare_model, query_mask_from_batch
 
@@ -29,10 +30,11 @@ class AttentionEntropyMonitor(Callback):
 
     At ``setup`` it makes the module's model record per-row entropies: our models always do, and Hugging Face
     models that run sdpa or eager attention are switched to the entropic attention (said once, on rank zero).
-    After every training batch it adds the batch's detached row entropies to per-(layer, head) sums and counts
-    (mean over batch rows and query positions; queries where the batch's ``attention_mask`` is 0 are left out). At the Trainer's log cadence (``log_every_n_steps``) the sums and
-    counts are all-reduced over DDP ranks, so the logged value is the mean over all ranks' batches since the last
-    log, and logged to every configured logger at step ``trainer.fit_loop.epoch_loop._batches_that_stepped``:
+    After every training batch it adds the batch's detached row entropies to per-(layer, head) sums and counts, a
+    :class:`entropic.metrics.HeadEntropyMean` (mean over batch rows and query positions; queries where the batch's
+    ``attention_mask`` is 0 are left out). At the Trainer's log cadence (``log_every_n_steps``) torchmetrics
+    reduces the sums and counts over DDP ranks, so the logged value is the mean over all ranks' batches since the
+    last log, logged to every configured logger at Lightning's logging step (the one its own ``self.log`` uses):
 
     - ``entropy/layer_{l}/head_{h}`` (nats; only with ``log_heads=True``), ``entropy/layer_{l}/mean``,
       ``entropy/mean``;
@@ -114,9 +116,8 @@ class AttentionEntropyMonitor(Callback):
         self.overload_threshold = float(overload_threshold)
         self._context = 2  # sequence length of the tracked batches (largest seen)
         self.detect_from_step = detect_from_step
-        # Window since the last log: [L, H] sums of row entropies and counts of rows (float64).
-        self._sum: torch.Tensor | None = None
-        self._count: torch.Tensor | None = None
+        # Window since the last log: per-(layer, head) sums and counts of row entropies.
+        self._stats: HeadEntropyMean | None = None
         self.history: list[dict[str, Any]] = []  # {"step": int, "head_mean": [[float]*H]*L}, reduced over ranks
         self.last_metrics: dict[str, float] = {}
         self.figure_paths: list[Path] = []
@@ -154,22 +155,12 @@ class AttentionEntropyMonitor(Callback):
                 )
                 self._warned_empty = True
             return
-        query_mask = query_mask_from_batch(batch)  # padded queries are left out of the means
+        n_layer, n_head = len(entropies), int(entropies[0].shape[1])
+        if self._stats is None or tuple(self._stats.total.shape) != (n_layer, n_head):
+            self._stats = HeadEntropyMean(n_layer, n_head).to(entropies[0].device)
         with torch.no_grad():
-            stacked = torch.stack([e.detach().to(torch.float64) for e in entropies])  # [L, B, H, T]
-            if query_mask is None:
-                sums = stacked.sum(dim=(1, 3))  # [L, H]
-                rows = stacked.shape[1] * stacked.shape[3]
-            else:
-                keep = query_mask.to(stacked.device)[None, :, None, :]  # [1, B, 1, T]
-                sums = torch.where(keep, stacked, torch.zeros_like(stacked)).sum(dim=(1, 3))
-                rows = query_mask.sum().to(torch.float64)
-            self._context = max(self._context, int(stacked.shape[3]))
-            if self._sum is None or self._sum.shape != sums.shape:
-                self._sum = torch.zeros_like(sums)
-                self._count = torch.zeros_like(sums)
-            self._sum += sums
-            self._count += rows
+            self._stats.update(entropies, query_mask_from_batch(batch))  # padded queries are left out
+        self._context = max(self._context, int(entropies[0].shape[-1]))
         accumulating = trainer.fit_loop.epoch_loop._should_accumulate()
         if not accumulating and trainer._logger_connector.should_update_logs:
             self._flush(trainer)
@@ -180,16 +171,10 @@ class AttentionEntropyMonitor(Callback):
         self._flush(trainer, final=True)
 
     def _flush(self, trainer: pl.Trainer, final: bool = False) -> None:
-        if self._sum is None:
+        if self._stats is None or not self._stats.update_called:  # no batch since the last log
             return
-        packed = torch.stack([self._sum, self._count])  # one all-reduce for both
-        packed = trainer.strategy.reduce(packed, reduce_op="sum")
-        total, count = packed[0], packed[1]
-        self._sum.zero_()
-        self._count.zero_()
-        if float(count.min()) <= 0:
-            return
-        head_mean = (total / count).cpu().numpy()  # [L, H]
+        head_mean = self._stats.compute().cpu().numpy()  # [L, H]; sums and counts reduced over ranks by torchmetrics
+        self._stats.reset()
         step = trainer.fit_loop.epoch_loop._batches_that_stepped
         if final and self.history and self.history[-1]["step"] == step:
             return
