@@ -49,6 +49,7 @@ from torch import nn
 
 from entropic.ops import entropic_attention
 from entropic.ops.recording import NATIVE_RECORDING_ATTR, attach_recorder, record_row_entropy
+from entropic.ops.reference import reference_entropic_attention
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
@@ -108,49 +109,6 @@ def _decode_mask(mask: torch.Tensor, batch: int, t_q: int, t_k: int) -> tuple[bo
     if bool(torch.equal(m, pad[:, None, :].expand_as(m))):
         return False, (None if bool(pad.all()) else pad.contiguous())
     return None
-
-
-def _dense_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    *,
-    scale: float,
-    causal: bool,
-    bool_mask: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    dropout: float,
-    training: bool,
-    softcap: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Materialized attention + entropy (fp32) for masks, dropout or soft-capping the fused op cannot express.
-
-    Entropy is that of the pre-dropout probabilities; rows with no visible key give output 0 and
-    entropy 0; masked entries never produce NaN, in the values or in the gradients. With ``softcap`` the
-    logits are ``softcap · tanh(s / softcap)`` (Gemma 2), and H = LSE − E_p[s] holds for the capped logits.
-    """
-    t_q, t_k = query.shape[-2], key.shape[-2]
-    s = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale
-    if softcap is not None:
-        s = softcap * torch.tanh(s / softcap)
-    if bias is not None:
-        s = s + bias.float()
-    visible = torch.ones(1, 1, t_q, t_k, dtype=torch.bool, device=query.device)
-    if causal:
-        visible = visible.tril(diagonal=t_k - t_q)
-    if bool_mask is not None:
-        visible = visible & bool_mask
-    if bias is not None:
-        visible = visible & torch.isfinite(s)
-    visible = visible.expand_as(s)
-    any_visible = visible.any(dim=-1, keepdim=True)
-    s0 = s.masked_fill(~visible, 0.0)
-    lse = torch.logsumexp(s.masked_fill(~visible, float("-inf")).masked_fill(~any_visible, 0.0), dim=-1, keepdim=True)
-    p = torch.exp(s0 - lse) * visible
-    row_entropy = ((lse - (p * s0).sum(dim=-1, keepdim=True)) * any_visible).squeeze(-1)
-    p_out = nn.functional.dropout(p, p=dropout, training=training) if dropout > 0 else p
-    out = torch.matmul(p_out, value.float()).to(value.dtype)
-    return out, row_entropy
 
 
 def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -216,19 +174,18 @@ def entropic_attention_forward(
                 "entropic attention: a mask that is not causal + key padding (e.g. sliding window, packed sequences "
                 "or an additive bias) runs a materialized [B, H, T, T] attention.",
             )
-        if padding is not None:
-            bool_mask = padding.view(batch, 1, 1, t_k)
-        out, row_entropy = _dense_attention(
+        out, row_entropy = reference_entropic_attention(
             query,
             key,
             value,
             scale=scale,
             causal=causal,
-            bool_mask=bool_mask,
+            key_padding_mask=padding,
+            attn_mask=bool_mask,
             bias=bias,
+            softcap=None if softcap is None else float(softcap),
             dropout=dropout,
             training=training,
-            softcap=None if softcap is None else float(softcap),
         )
     else:
         out, row_entropy = entropic_attention(

@@ -21,8 +21,16 @@ def reference_entropic_attention(
     scale: float | None = None,
     temperature: torch.Tensor | None = None,
     key_padding_mask: torch.Tensor | None = None,
+    attn_mask: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    softcap: float | None = None,
+    dropout: float = 0.0,
+    training: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention and per-row Shannon entropy, computed eagerly.
+    """Softmax attention and per-row Shannon entropy, computed eagerly: the one dense oracle of the project.
+
+    Besides the fused op's inputs it takes what only a materialized attention can apply, so Hugging Face models'
+    general masks, soft-capping and attention dropout run through it too (:mod:`entropic.hf`).
 
     Args:
         q, k, v: [B, H, T, D] queries, keys and values (T may differ between q and k/v only when
@@ -31,6 +39,12 @@ def reference_entropic_attention(
         scale: logit scale; defaults to 1/sqrt(D).
         temperature: [H, Tq] or [H]; the logits are divided by it, i.e. softmax(q·kᵀ·scale / t).
         key_padding_mask: bool [B, Tk], True where the key may be attended.
+        attn_mask: bool, broadcastable to [B, H, Tq, Tk], True where the key may be attended (sliding windows,
+            packed sequences, ...); combined with ``causal`` and ``key_padding_mask``.
+        bias: additive logits, broadcastable to [B, H, Tq, Tk]; -inf entries are masked.
+        softcap: logits become ``softcap · tanh(logits / softcap)`` before the bias (Gemma 2).
+        dropout, training: attention dropout on the probabilities that weight ``v`` (in training only); the
+            entropy is that of the probabilities before dropout, as in eager attention.
 
     Returns:
         out: [B, H, Tq, D] in the dtype of ``v``.
@@ -45,12 +59,21 @@ def reference_entropic_attention(
         t = temperature.float()
         t = t.view(1, heads, 1, 1) if t.dim() == 1 else t.view(1, heads, t_q, 1)
         logits = logits / t
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    if bias is not None:
+        logits = logits + bias.float()
     visible = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device)
     if causal:
         visible = torch.tril(visible, diagonal=t_k - t_q)
     visible = visible.view(1, 1, t_q, t_k)
     if key_padding_mask is not None:
         visible = visible & key_padding_mask.view(batch, 1, 1, t_k).to(torch.bool)
+    if attn_mask is not None:
+        visible = visible & attn_mask.to(torch.bool)
+    if bias is not None:
+        visible = visible & torch.isfinite(logits)
+    visible = visible.expand_as(logits)
     logits = logits.masked_fill(~visible, float("-inf"))
     any_visible = visible.any(dim=-1, keepdim=True)
     logits = torch.where(any_visible, logits, torch.zeros_like(logits))
@@ -60,5 +83,7 @@ def reference_entropic_attention(
     # so neither the forward (0 * -inf) nor its backward produces nan.
     plogp = probs * log_probs.masked_fill(~visible, 0.0)
     row_entropy = -plogp.sum(dim=-1)
+    if dropout > 0 and training:
+        probs = torch.nn.functional.dropout(probs, p=dropout, training=True)
     out = torch.matmul(probs, v.float()).to(v.dtype)
     return out, row_entropy
