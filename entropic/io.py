@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -32,5 +33,18 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
 
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
-    """Writes ``obj`` as indented JSON atomically (NaN/inf are written as JSON ``null``-free literals)."""
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    """Writes ``obj`` as indented, standard JSON atomically: NaN and ±inf become ``null`` (JSON has no literal
+    for them); other non-JSON values are written as their ``str``."""
+    return atomic_write_text(
+        path, json.dumps(_finite(obj), indent=2, sort_keys=True, default=str, allow_nan=False) + "\n"
+    )
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {key: _finite(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(value) for value in obj]
+    return obj

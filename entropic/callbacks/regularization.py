@@ -185,7 +185,8 @@ class EntropyRegularization(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(loss_coeff=self.loss_coeff, reduction=self.reduction)
+        # Not keyed on λ: a run resumed with another coefficient keeps its θ and its schedule position.
+        return self._generate_state_key(reduction=self.reduction)
 
     @property
     def thresholds(self) -> torch.Tensor:
@@ -474,8 +475,6 @@ class EntropyRegularization(Callback):
         return {
             **self.schedule.state_dict(),
             "start_step": self.schedule.start_step if self._start_resolved else None,
-            "loss_coeff": self.loss_coeff,
-            "warmup_steps": self.warmup_steps,
             "last_coeff": self.last_coeff,
             "last_penalty": self.last_penalty,
             "thresholds": None if self._owned_thresholds is None else self._owned_thresholds.detach().cpu().clone(),
