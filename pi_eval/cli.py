@@ -1,6 +1,10 @@
-"""``python -m pi_eval bench|project|plot``.
+"""``python -m pi_eval bench|serve|psk|relay|project|plot``.
 
-* ``bench``: one encrypted inference of a preset (or checkpoint), report to DIR;
+* ``bench``: one encrypted inference of a preset (or checkpoint), report to DIR; with ``--connect HOST:PORT`` the
+  client alone (its share of the model only) against a ``serve`` process;
+* ``serve``: the server alone, with its own weights, one client per run (``--listen HOST:PORT``);
+* ``psk``: write a fresh pre-shared key (32 random bytes, hex) for ``serve`` and ``bench --connect``;
+* ``relay``: a user-space link emulator (rate + delay) between the two (:mod:`pi_eval.relay`);
 * ``project``: the paper-scale 2PC cost projection (:mod:`pi_eval.projection`);
 * ``plot``: bytes and latency of several reports, stacked by operation kind (:mod:`pi_eval.plot`).
 """
@@ -28,11 +32,25 @@ def _modes(specs: list[str]) -> dict:
     return out
 
 
-def bench(args, tamper=None) -> int:
-    from .extract import build_model, plan_from_model, torch_logits
-    from .protocol import run_protocol
-    from .report import build_report, parse_profile, write_report
-    from .schedule import poly_act_override
+def read_key(path: str) -> bytes:
+    """A pre-shared key file: hex of at least 32 bytes (as ``python -m pi_eval psk`` writes it)."""
+    from .channel import MIN_KEY_BYTES
+
+    try:
+        text = Path(path).read_text().strip()
+    except OSError as e:
+        raise FileNotFoundError(f"--key-file {path!r} cannot be read: {e.strerror}") from None
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        raise ValueError(f"--key-file {path!r} must hold a hex key (python -m pi_eval psk --out FILE)") from None
+    if len(key) < MIN_KEY_BYTES:
+        raise ValueError(f"--key-file {path!r} holds a {len(key)}-byte key; at least {MIN_KEY_BYTES} bytes are needed")
+    return key
+
+
+def _build_model(args):
+    from .extract import build_model
 
     if args.checkpoint:
         from entropic.models import EntropicForCausalLM
@@ -43,46 +61,92 @@ def bench(args, tamper=None) -> int:
                 f"--checkpoint {args.checkpoint!r} is not a save_pretrained directory: "
                 + ("it does not exist" if not ckpt.exists() else "it has no config.json")
             )
-        model = EntropicForCausalLM.from_pretrained(ckpt).eval().double()
-    else:
-        model = build_model(
-            args.preset,
-            n_layer=args.n_layer,
-            d_model=args.d_model,
-            n_head=args.n_head,
-            vocab_size=args.vocab_size,
-            n_positions=max(args.seq_len, args.n_positions),
-            seed=args.seed,
-            init_std=args.init_std,
-        )
-    plan = plan_from_model(model, name=args.checkpoint or args.preset)
-    ids = np.random.default_rng(args.seed).integers(0, plan.vocab_size, args.seq_len)
-    ref = torch_logits(model, ids)
-    res = run_protocol(
-        plan,
-        ids,
-        params=args.params,
-        modes=_modes(args.mode),
-        allow_refresh=not args.no_refresh,
-        poly_degree=args.poly_degree,
-        transport=args.transport,
-        threads=args.threads,
-        tamper=tamper,
+        return EntropicForCausalLM.from_pretrained(ckpt).eval().double()
+    return build_model(
+        args.preset,
+        n_layer=args.n_layer,
+        d_model=args.d_model,
+        n_head=args.n_head,
+        vocab_size=args.vocab_size,
+        n_positions=max(args.seq_len, args.n_positions),
+        seed=args.seed,
+        init_std=args.init_std,
     )
+
+
+def bench(args, tamper=None) -> int:
+    from .extract import plan_from_model, torch_logits
+    from .protocol import run_protocol, run_remote
+    from .report import build_report, parse_profile, write_report
+    from .schedule import poly_act_override
+
+    connect = getattr(args, "connect", None)
+    if connect:
+        from .serve import parse_address
+        from .share import ClientShare
+
+        if not args.client_share or not args.key_file:
+            raise ValueError("--connect needs --client-share FILE (from the server) and --key-file FILE")
+        if args.checkpoint:
+            raise ValueError("--connect runs the client only: the model (--checkpoint) stays with the server")
+        host, port = parse_address(connect)
+        share = ClientShare.load(args.client_share)
+        ids = np.random.default_rng(args.seed).integers(0, share.vocab_size, args.seq_len)
+        res = run_remote(
+            share,
+            ids,
+            host,
+            port,
+            read_key(args.key_file),
+            params=args.params,
+            modes=_modes(args.mode),
+            allow_refresh=not args.no_refresh,
+            poly_degree=args.poly_degree,
+            threads=args.threads,
+            timeout=args.timeout,
+            tamper=tamper,
+        )
+        model = ref = None
+        n_layer, d_model, vocab = len(share.blocks), share.wte.shape[1], share.vocab_size
+        n_head = share.blocks[0]["n_head"] if share.blocks else None
+        name = share.name
+    else:
+        model = _build_model(args)
+        plan = plan_from_model(model, name=args.checkpoint or args.preset)
+        ids = np.random.default_rng(args.seed).integers(0, plan.vocab_size, args.seq_len)
+        ref = torch_logits(model, ids)
+        res = run_protocol(
+            plan,
+            ids,
+            params=args.params,
+            modes=_modes(args.mode),
+            allow_refresh=not args.no_refresh,
+            poly_degree=args.poly_degree,
+            transport=args.transport,
+            threads=args.threads,
+            tamper=tamper,
+        )
+        n_layer, d_model, vocab = len(plan.blocks), plan.d_model, plan.vocab_size
+        n_head = plan.blocks[0].n_head if plan.blocks else None
+        name = plan.name
     profiles = dict(parse_profile(p) for p in args.profile or [])
     meta = {
-        "preset": args.preset,
+        "preset": None if connect else args.preset,
         "checkpoint": args.checkpoint,
-        "n_layer": len(plan.blocks),
-        "d_model": plan.d_model,
-        "n_head": plan.blocks[0].n_head if plan.blocks else None,
-        "vocab_size": plan.vocab_size,
+        "model": name,
+        "n_layer": n_layer,
+        "d_model": d_model,
+        "n_head": n_head,
+        "vocab_size": vocab,
         "seq_len": args.seq_len,
         "threads": args.threads,
+        "connect": connect,
     }
+    if connect:
+        meta["reference"] = "none: the client holds no model weights (compare logits.npz with the model owner's)"
     override = poly_act_override(res.schedule)
     exact = None
-    if override is not None:  # mode C: the protocol evaluates the model with its polynomials
+    if override is not None and ref is not None:  # mode C: the protocol evaluates the model with its polynomials
         exact, ref = ref, plan.forward(ids, act_override=override)
         meta["reference"] = "plaintext model with the mode-C polynomials (vs_exact_model: the original model)"
     rep = build_report(res, ref, profiles=profiles, meta=meta, exact_logits=exact)
@@ -90,7 +154,8 @@ def bench(args, tamper=None) -> int:
         from entropic.io import atomic_write_bytes
 
         buf = io.BytesIO()
-        np.savez(buf, ids=ids, decrypted=res.logits, reference=ref, exact=ref if exact is None else exact)
+        refs = {} if ref is None else {"reference": ref, "exact": ref if exact is None else exact}
+        np.savez(buf, ids=ids, decrypted=res.logits, **refs)
         atomic_write_bytes(Path(args.out) / "logits.npz", buf.getvalue())
     js, _ = write_report(rep, args.out)
     summary = {
@@ -108,8 +173,61 @@ def bench(args, tamper=None) -> int:
         )
     }
     summary["wan_online_s"] = rep["latency"]["WAN"]["online_s"]
+    summary["online_wall_s"] = rep["online_wall_s"]
     summary["report"] = str(js)
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def serve(args) -> int:
+    from .extract import plan_from_model
+    from .serve import ServeConfig, listen, parse_address
+    from .serve import serve as serve_tcp
+    from .server import Server
+    from .share import ClientShare
+
+    key = read_key(args.key_file)
+    host, port = parse_address(args.listen)
+    cfg = ServeConfig(args.timeout, args.handshake_timeout, args.accept_timeout, args.max_attempts)
+    plan = plan_from_model(_build_model(args), name=args.checkpoint or args.preset)
+    if args.client_share:
+        ClientShare.from_plan(plan).save(args.client_share)
+    lsock = listen(host, port)
+    h, p = lsock.getsockname()[:2]
+    print(json.dumps({"listening": f"{h}:{p}", "params": args.params, "client_share": args.client_share}), flush=True)
+    srv = serve_tcp(lsock, lambda: Server(plan, args.params, threads=args.threads, key=key), cfg)
+    ok = srv is not None and srv.done and not srv.aborted
+    if args.stats_out and srv is not None:
+        from entropic.io import atomic_write_text
+
+        atomic_write_text(Path(args.stats_out), json.dumps(srv.stats(), indent=2, default=float))
+    print(json.dumps({"served": ok, "aborted": None if srv is None else srv.aborted}), flush=True)
+    return 0 if ok else 1
+
+
+def psk(args) -> int:
+    import os
+    import secrets
+
+    from entropic.io import atomic_write_text
+
+    out = atomic_write_text(Path(args.out), secrets.token_hex(32) + "\n")
+    os.chmod(out, 0o600)
+    print(str(out))
+    return 0
+
+
+def relay(args) -> int:
+    from .relay import LinkProfile, run_relay
+    from .serve import parse_address
+
+    run_relay(
+        parse_address(args.listen),
+        parse_address(args.connect),
+        LinkProfile(args.mbps * 1e6, args.rtt_ms * 1e-3),
+        max_connections=args.max_connections,
+        idle_timeout=args.timeout,
+    )
     return 0
 
 
@@ -181,25 +299,39 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pi_eval", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("bench", help="run one encrypted inference and write DIR/report.json and report.csv")
-    b.add_argument("--preset", default="SM+LN+G")
-    b.add_argument("--checkpoint", default=None, help="a save_pretrained directory instead of a random preset")
-    b.add_argument("--n-layer", type=int, default=1)
-    b.add_argument("--d-model", type=int, default=32)
-    b.add_argument("--n-head", type=int, default=2)
-    b.add_argument("--vocab-size", type=int, default=64)
-    b.add_argument("--n-positions", type=int, default=16)
-    b.add_argument("--seq-len", type=int, default=8)
-    b.add_argument("--init-std", type=float, default=0.2, help="init std of the random preset model")
+    _model_args(b)
     b.add_argument("--transport", choices=["inprocess", "tcp"], default="inprocess")
-    b.add_argument("--params", default=DEFAULT_PARAM_SET, choices=sorted(PARAM_SETS))
+    b.add_argument("--connect", default=None, metavar="HOST:PORT", help="run the client only, against `serve`")
+    b.add_argument("--client-share", default=None, help="with --connect: the share file the server wrote")
+    b.add_argument("--key-file", default=None, help="with --connect: the pre-shared key (python -m pi_eval psk)")
+    b.add_argument("--timeout", type=float, default=600.0, help="with --connect: seconds to wait for each reply")
     b.add_argument("--mode", action="append", help="override, e.g. gelu=C or relu=A (repeatable)")
     b.add_argument("--no-refresh", action="store_true", help="forbid mode B; reject circuits that run out of levels")
     b.add_argument("--poly-degree", type=int, default=2)
     b.add_argument("--profile", action="append", help="extra network profile NAME:MBPS:RTT_MS")
     b.add_argument("--threads", type=int, default=1)
-    b.add_argument("--seed", type=int, default=0)
     b.add_argument("--out", required=True)
     b.add_argument("--save-logits", action="store_true", help="also write DIR/logits.npz (ids, decrypted, reference)")
+    sv = sub.add_parser("serve", help="serve one client with this model's weights (pre-shared key required)")
+    sv.add_argument("--listen", required=True, metavar="HOST:PORT", help="port 0: chosen by the system, printed")
+    _model_args(sv)
+    sv.add_argument("--key-file", required=True, help="pre-shared key file (python -m pi_eval psk --out FILE)")
+    sv.add_argument("--client-share", default=None, help="write the client's share of the model here first")
+    sv.add_argument("--threads", type=int, default=1)
+    sv.add_argument("--timeout", type=float, default=300.0, help="seconds allowed between frames (client compute)")
+    sv.add_argument("--handshake-timeout", type=float, default=10.0, help="seconds from connection to hello")
+    sv.add_argument("--accept-timeout", type=float, default=600.0, help="seconds to wait for each connection")
+    sv.add_argument("--max-attempts", type=int, default=5, help="connections refused at the hello before exiting")
+    sv.add_argument("--stats-out", default=None, help="write the server's own stats (JSON) here at the end")
+    k = sub.add_parser("psk", help="write a fresh pre-shared key (32 bytes from secrets, hex, mode 0600)")
+    k.add_argument("--out", required=True)
+    r = sub.add_parser("relay", help="emulated link (rate + delay) between a client and a server")
+    r.add_argument("--listen", required=True, metavar="HOST:PORT")
+    r.add_argument("--connect", required=True, metavar="HOST:PORT")
+    r.add_argument("--mbps", type=float, required=True, help="bandwidth per direction, Mbit/s")
+    r.add_argument("--rtt-ms", type=float, required=True, help="round-trip time added, ms")
+    r.add_argument("--max-connections", type=int, default=1, help="exit after relaying this many connections")
+    r.add_argument("--timeout", type=float, default=900.0, help="exit if idle this long, seconds")
     p = sub.add_parser("project", help="projected 2PC cost at paper scale (BumbleBee, WAN 100 Mbps / 80 ms)")
     p.add_argument("--preset", default="SM+LN+G")
     p.add_argument("--n-layer", type=int, default=12)
@@ -220,6 +352,21 @@ def main(argv=None) -> int:
     g.add_argument("--profile", default="WAN", help="network profile of the bench reports' latency")
     args = ap.parse_args(argv)
     return run(args)
+
+
+def _model_args(b: argparse.ArgumentParser) -> None:
+    """The model (a preset's random model or a checkpoint), the parameter set and the request's sequence length."""
+    b.add_argument("--preset", default="SM+LN+G")
+    b.add_argument("--checkpoint", default=None, help="a save_pretrained directory instead of a random preset")
+    b.add_argument("--n-layer", type=int, default=1)
+    b.add_argument("--d-model", type=int, default=32)
+    b.add_argument("--n-head", type=int, default=2)
+    b.add_argument("--vocab-size", type=int, default=64)
+    b.add_argument("--n-positions", type=int, default=16)
+    b.add_argument("--seq-len", type=int, default=8)
+    b.add_argument("--init-std", type=float, default=0.2, help="init std of the random preset model")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--params", default=DEFAULT_PARAM_SET, choices=sorted(PARAM_SETS))
 
 
 def bench_parser_defaults(**kw) -> argparse.Namespace:
@@ -244,6 +391,10 @@ def bench_parser_defaults(**kw) -> argparse.Namespace:
         seed=0,
         out=None,
         save_logits=False,
+        connect=None,
+        client_share=None,
+        key_file=None,
+        timeout=600.0,
         cmd="bench",
     )
     d.update(kw)
@@ -252,7 +403,8 @@ def bench_parser_defaults(**kw) -> argparse.Namespace:
 
 def run(args) -> int:
     try:
-        return {"bench": bench, "project": project, "plot": plot}[args.cmd](args)
+        cmds = {"bench": bench, "serve": serve, "psk": psk, "relay": relay, "project": project, "plot": plot}
+        return cmds[args.cmd](args)
     except Exception as e:
         print(f"pi_eval {args.cmd} failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 2

@@ -13,11 +13,13 @@ import numpy as np
 import tenseal as ts
 
 from .channel import Channel, Message
+from .limits import data_limits
 from .params import ParamSet
 from .plan import act_fn, causal_attention, layernorm
 from .rawpoly import RawCKKS
 from .refresh import ClientRefresher, MaskSpec
 from .schedule import Layout, Schedule
+from .share import schedule_digests
 
 
 def pack(X: np.ndarray, lay: Layout, groups: int) -> list[list[np.ndarray]]:
@@ -63,6 +65,7 @@ class Client:
         self.keygen_s = time.perf_counter() - t0
         self.step_stats: dict[str, dict] = {}
         self.refresher: ClientRefresher | None = None
+        self.timing: dict[str, float] = {}  # wall time of the last run: setup (hello + context), online (input..logits)
 
     def public_context(self) -> bytes:
         """Public, relinearization and Galois keys only (no secret key)."""
@@ -96,16 +99,23 @@ class Client:
         return self.step_stats.setdefault(name, {"client_s": 0.0, "he_s": 0.0})
 
     # ------------------------------------------------------------------ protocol
-    def run(self, channel: Channel, sched: Schedule, ids) -> np.ndarray:
+    def run(self, channel: Channel, sched: Schedule, ids, request: dict) -> np.ndarray:
+        """One inference.  ``request``: what the server compiles its schedule from (params, seq_len, modes,
+        allow_refresh, poly_degree); the server checks that it gives this schedule, step by step."""
         ids = np.asarray(ids)
         T = len(ids)
         if sched.seq_len != T:
             raise ValueError(f"input has {T} tokens, the schedule was compiled for {sched.seq_len}")
         by_name = {s.name: s for s in sched.steps}
+        t_setup = time.perf_counter()
+        channel.handshake(request, schedule_digests(sched))
+        channel.codec.recv_limit, channel.codec.phase = data_limits(sched)[1], "a data frame"
         ack = channel.exchange(Message("setup", "setup", {}, [self.public_context()]), bucket="setup")
         if ack.meta.get("server_has_secret_key"):
             raise RuntimeError("server reports holding a secret key")
-        # input: embedding lookup happens here, on the client
+        # input: embedding lookup happens here, on the client; the online phase starts
+        t_online = time.perf_counter()
+        self.timing = {"setup_wall_s": t_online - t_setup}
         first = sched.steps[0]
         rec, t0, h0 = self._stat("input"), time.perf_counter(), self.he
         x = self.wte[ids] + self.wpe[:T]
@@ -123,6 +133,7 @@ class Client:
                 logits = unpack(vecs, st.src_layout, T)
                 rec["client_s"] += time.perf_counter() - t0
                 rec["he_s"] += self.he - h0
+                self.timing["online_wall_s"] = time.perf_counter() - t_online
                 return logits
             if st.op == "refresh":  # re-encrypt the masked polynomial exactly, never decoding it (refresh.py)
                 spec = MaskSpec(st.fn["value_bound"], st.fn["sigma"])

@@ -54,14 +54,15 @@ def modelled_latency(bytes_total: int, round_trips: int, compute_s: float, bw_bp
 
 def build_report(
     res,
-    reference_logits: np.ndarray,
+    reference_logits: np.ndarray | None,
     *,
     profiles: dict | None = None,
     meta: dict | None = None,
     exact_logits: np.ndarray | None = None,
 ) -> dict:
     """Report of one run.  ``reference_logits``: the plaintext model the protocol evaluates (with the mode-C
-    polynomials, if any); ``exact_logits``: the original model, to report what the polynomials cost in accuracy."""
+    polynomials, if any; None when the reporting party holds no model); ``exact_logits``: the original model, to
+    report what the polynomials cost in accuracy."""
     sched, chan = res.schedule, res.channel
     profiles = {**NETWORK_PROFILES, **(profiles or {})}
     srv = res.server_stats["steps"]
@@ -125,7 +126,8 @@ def build_report(
         }
         for name, (bw, rtt) in profiles.items()
     }
-    err = np.abs(res.logits - reference_logits)
+    ref = reference_logits
+    err = None if ref is None else np.abs(res.logits - ref)
     return {
         "meta": meta or {},
         "transport": res.transport,
@@ -149,9 +151,10 @@ def build_report(
         },
         "control_bytes": chan.control.bytes_up + chan.control.bytes_down,
         "wire_bytes_all": chan.wire_bytes(),
-        "max_abs_logit_error": float(err.max()),
-        "top1_agreement": float(np.mean(res.logits.argmax(-1) == reference_logits.argmax(-1))),
-        "top1_last_token_equal": bool(res.logits[-1].argmax() == reference_logits[-1].argmax()),
+        # None when the reporting party holds no plaintext model (the client of ``bench --connect``)
+        "max_abs_logit_error": None if ref is None else float(err.max()),
+        "top1_agreement": None if ref is None else float(np.mean(res.logits.argmax(-1) == ref.argmax(-1))),
+        "top1_last_token_equal": None if ref is None else bool(res.logits[-1].argmax() == ref[-1].argmax()),
         "vs_exact_model": None
         if exact_logits is None
         else {
@@ -161,12 +164,17 @@ def build_report(
         "compute_s": compute,
         "he_primitive_s": he_total,
         "online_wall_s": res.online_wall_s,
+        # measured by the client: hello + public context, and input sent -> logits decrypted (no setup)
+        "measured_setup_wall_s": res.client.timing.get("setup_wall_s"),
+        "measured_online_wall_s": res.client.timing.get("online_wall_s"),
         "harness_overhead": res.online_wall_s / he_total if he_total > 0 else None,
         **run_slot_use(sched),
         "latency": latency,
         "by_kind": by_kind,
         "server_holds_secret_key": res.server_stats["holds_secret_key"],
         "server_context_is_private": res.server_stats["context_is_private"],
+        "authenticated": res.server_stats.get("authenticated"),
+        "comm_wall_s": res.channel.comm_time,
         "operations": rows,
     }
 

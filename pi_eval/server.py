@@ -1,26 +1,61 @@
 """The server: plaintext weights plus a *public* TenSEAL context (public, relinearization and Galois keys).
 
-It never holds a secret key: the context it receives is checked (``is_private()`` False, ``has_secret_key()``
-False) and a context that carries one is refused.  It is a frame handler: each uplink frame yields exactly one
-downlink frame, so the same object serves the in-process and the TCP transport.
+It holds its own model (:class:`~pi_eval.plan.ModelPlan`) and receives only the client's request (parameter set,
+sequence length, modes), the schedule digests, the public context and ciphertexts.  It compiles the schedule from its
+own model for that request and refuses a client whose schedule differs (:mod:`pi_eval.share`).  It never holds a
+secret key: the context it receives is checked (``is_private()`` False, ``has_secret_key()`` False) and a context
+that carries one is refused.
+
+It is a frame handler: each uplink frame yields exactly one downlink frame, so the same object serves the in-process
+and the TCP transport (:mod:`pi_eval.serve`).  Refusals go back as a short code and message
+(:func:`pi_eval.channel.error_message`); tracebacks of unexpected errors go to the server's own log only.
 """
 
 from __future__ import annotations
 
-import socket
+import re
+import secrets
+import sys
 import time
 import traceback
 
 import tenseal as ts
 
-from .channel import ChannelError, Message, recv_frame
+from .channel import VERSION, ChannelError, FrameCodec, Message, error_message
+from .limits import data_limits, setup_limit
+from .params import ParamSet, get_param_set
+from .plan import ModelPlan
 from .rawpoly import RawCKKS
 from .refresh import MaskSpec, ServerMasker
-from .schedule import Schedule
+from .schedule import Schedule, compile_schedule
+from .share import ScheduleMismatchError, check_digests, schedule_digests
 
 
 class ServerSecurityError(RuntimeError):
-    pass
+    code = "security"
+
+
+class ProtocolError(ValueError):
+    """A well-formed, authenticated message that the protocol does not allow at this point."""
+
+    code = "protocol"
+
+
+class BadPayloadError(ValueError):
+    """A public context or ciphertext that does not parse or does not fit the schedule."""
+
+    code = "bad_payload"
+
+
+_CODES = [
+    (ChannelError, None),
+    (ServerSecurityError, "security"),
+    (ScheduleMismatchError, "schedule_mismatch"),
+    (ProtocolError, "protocol"),
+    (BadPayloadError, "bad_payload"),
+    (ValueError, "refused"),
+    (KeyError, "refused"),
+]
 
 
 class _Timer:
@@ -35,79 +70,156 @@ class _Timer:
 
 
 class Server:
-    def __init__(self, schedule: Schedule, *, threads: int = 1):
-        self.sched = schedule
+    def __init__(self, plan: ModelPlan, params: str | ParamSet, *, threads: int = 1, key: bytes | None = None):
+        self.plan = plan
+        self.params = get_param_set(params)
         self.threads = threads
+        self.codec = FrameCodec("server", key)
+        self.sched: Schedule | None = None  # compiled at the hello, for the client's request
+        self.phase = "hello"  # hello -> setup -> online -> done
         self.ctx: ts.Context | None = None
         self.masker: ServerMasker | None = None  # mode B (hiding refresh), built once the public context is known
+        self.weights: dict = {}
         self.regs: dict[str, list[list]] = {}
         self.pc = 0
         self.done = False
         self.aborted: str | None = None
         self.step_stats: dict[str, dict] = {}
-        self.received: list[str] = []  # kinds/labels of every frame received (for the TCP key audit)
+        self.received: list[str] = []  # kinds/labels of every frame received (for the key audit)
         self.t = _Timer()
         self.bytes_in = self.bytes_out = 0  # as seen by the server (the stats reply itself excluded)
         self.setup_stats: dict = {}
-        # plaintext weights, encoded once (server-side setup, not traffic)
-        t0 = time.perf_counter()
-        self.weights = {
-            name: ({k: ts.plain_tensor(M) for k, M in lw.matrices()}, [b.tolist() for b in lw.biases()])
-            for name, lw in schedule.server_weights.items()
-        }
-        self.setup_stats["weight_encode_s"] = time.perf_counter() - t0
+        self._rekey: tuple[bytes, bytes] | None = None
 
     # ------------------------------------------------------------------ key audit
     def holds_secret_key(self) -> bool:
         return self.ctx is not None and (self.ctx.is_private() or self.ctx.has_secret_key())
 
+    @property
+    def peer_accepted(self) -> bool:
+        """The hello verified (right key) and the request and schedule were accepted."""
+        return self.phase != "hello"
+
     # ------------------------------------------------------------------ frame handling
     def handle(self, frame: bytes) -> bytes:
         self.bytes_in += len(frame)
-        reply = self._handle(frame)
-        self.bytes_out += len(reply)
-        return reply
-
-    def _handle(self, frame: bytes) -> bytes:
         try:
-            msg = Message.decode(frame, receiver="server")
+            if self.aborted:
+                raise ProtocolError(f"server already refused this session: {self.aborted}")
+            msg = self.codec.open(frame)
             self.received.append(f"{msg.kind}:{msg.label}")
-            return self._dispatch(msg).encode()
-        except Exception as e:  # report to the client, then stop serving
-            self.aborted = f"{type(e).__name__}: {e}"
-            if not isinstance(e, (ChannelError, ServerSecurityError, ValueError)):
-                self.aborted += "\n" + traceback.format_exc(limit=3)
-            return Message("error", "error", {"error": self.aborted}).encode()
+            reply = self._dispatch(msg)
+        except Exception as e:
+            reply = self._refusal(e)
+        out = self.codec.seal(reply)
+        if (
+            self._rekey is not None
+        ):  # the hello_ack is tagged with the pre-shared key, what follows with the session key
+            self.codec.rekey(*self._rekey)
+            self._rekey = None
+        self.bytes_out += len(out)
+        return out
+
+    def refuse(self, e: ChannelError) -> bytes:
+        """Error frame for a frame that could not even be read (too large, timeout, truncated)."""
+        out = self.codec.seal(self._refusal(e))
+        self.bytes_out += len(out)
+        return out
+
+    def _refusal(self, e: BaseException) -> Message:
+        code = next((c or getattr(e, "code", "channel") for t, c in _CODES if isinstance(e, t)), None)
+        if code is None:  # a bug or a library error: its traceback stays in the server's log
+            print(f"pi_eval server: internal error\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+            code, text = "internal", f"internal error ({type(e).__name__}); see the server's log"
+        else:
+            text = str(e)
+        msg = error_message(code, text)
+        if not self.aborted:
+            self.aborted = f"[{code}] {msg.meta['error']}"
+        return msg
 
     def _dispatch(self, msg: Message) -> Message:
-        if self.aborted:
-            raise RuntimeError(f"server already aborted: {self.aborted}")
-        if msg.kind == "setup":
-            return self._setup(msg)
+        if self.phase == "hello":
+            if msg.kind != "hello":
+                raise ProtocolError(f"expected a hello first, got {msg.kind!r}")
+            return self._hello(msg)
         if msg.kind == "stats":
             return Message("stats", "stats", self.stats())
-        if msg.kind != "data":
-            raise ValueError(f"unexpected message kind {msg.kind!r}")
-        if self.ctx is None:
-            raise ValueError("data received before the public context")
+        if self.phase == "setup":
+            if msg.kind != "setup":
+                raise ProtocolError(f"expected the public context (setup), got {msg.kind!r}")
+            return self._setup(msg)
+        if msg.kind != "data" or self.phase != "online":
+            raise ProtocolError(f"unexpected {msg.kind!r} message in phase {self.phase!r}")
         return self._on_data(msg)
+
+    # ------------------------------------------------------------------ hello: request and schedule agreement
+    def _hello(self, msg: Message) -> Message:
+        m = msg.meta
+        if m.get("protocol") != VERSION:
+            raise ProtocolError(f"protocol version {m.get('protocol')!r}; this server speaks {VERSION}")
+        nonce = m.get("nonce")
+        if not isinstance(nonce, str) or not re.fullmatch(r"[0-9a-f]{64}", nonce):
+            raise ProtocolError("the hello's nonce must be 32 bytes in hex")
+        req = m.get("request")
+        if not isinstance(req, dict):
+            raise ProtocolError("the hello carries no request")
+        if req.get("params") != self.params.name:
+            raise ProtocolError(
+                f"parameter set {req.get('params')!r} requested; this server serves {self.params.name!r}"
+            )
+        seq_len, modes, degree = req.get("seq_len"), req.get("modes", {}), req.get("poly_degree", 2)
+        if not isinstance(seq_len, int) or isinstance(seq_len, bool):
+            raise ProtocolError(f"seq_len must be an integer, got {seq_len!r}")
+        if not isinstance(modes, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in modes.items()):
+            raise ProtocolError("modes must map operation kinds to mode letters")
+        if not isinstance(degree, int) or not 1 <= degree <= 16:
+            raise ProtocolError(f"poly_degree must be an integer in [1, 16], got {degree!r}")
+        sched = compile_schedule(
+            self.plan,
+            self.params,
+            seq_len,
+            modes,
+            allow_refresh=bool(req.get("allow_refresh", True)),
+            poly_degree=degree,
+        )
+        check_digests(schedule_digests(sched), m.get("schedule"))
+        self.sched = sched
+        t0 = time.perf_counter()  # plaintext weights, encoded once (server-side setup, not traffic)
+        self.weights = {
+            name: ({k: ts.plain_tensor(M) for k, M in lw.matrices()}, [b.tolist() for b in lw.biases()])
+            for name, lw in sched.server_weights.items()
+        }
+        self.setup_stats["weight_encode_s"] = time.perf_counter() - t0
+        nonce_s = secrets.token_bytes(32)
+        self._rekey = (bytes.fromhex(nonce), nonce_s)
+        self.phase = "setup"
+        self.codec.recv_limit, self.codec.phase = setup_limit(self.params), "the public context"
+        return Message("hello_ack", "hello", {"nonce": nonce_s.hex(), "echo": nonce, "params": self.params.name})
 
     def _setup(self, msg: Message) -> Message:
         t0 = time.perf_counter()
-        ctx = self.t.he_call(ts.context_from, msg.blobs[0], self.threads)
+        if len(msg.blobs) != 1:
+            raise ProtocolError(f"setup must carry exactly one public context, got {len(msg.blobs)} blobs")
+        try:
+            ctx = self.t.he_call(ts.context_from, msg.blobs[0], self.threads)
+        except Exception as e:
+            raise BadPayloadError(f"setup: the public context does not parse ({type(e).__name__})") from None
         if ctx.is_private() or ctx.has_secret_key():
             raise ServerSecurityError("server refuses a context that contains a secret key; send a public context")
         if not ctx.has_galois_keys() or not ctx.has_relin_keys():
-            raise ValueError("public context lacks Galois or relinearization keys")
+            raise BadPayloadError("public context lacks Galois or relinearization keys")
         n = ctx.seal_context().data.key_context_data().parms().poly_modulus_degree()
-        if n != self.sched.params.poly_modulus_degree:
-            raise ValueError(f"context N={n} does not match the schedule's parameter set {self.sched.params.name}")
+        if n != self.params.poly_modulus_degree:
+            raise BadPayloadError(f"context N={n} does not match the parameter set {self.params.name}")
         self.ctx = ctx
         assert not self.holds_secret_key()
         if any(st.op == "refresh" for st in self.sched.steps):
-            raw = self.t.he_call(RawCKKS, self.sched.params, ctx)
-            self.masker = ServerMasker(raw, 2.0**self.sched.params.scale_bits)
+            raw = self.t.he_call(RawCKKS, self.params, ctx)
+            self.masker = ServerMasker(raw, 2.0**self.params.scale_bits)
         self.setup_stats["context_load_s"] = time.perf_counter() - t0
+        self.phase = "online"
+        self.codec.recv_limit, self.codec.phase = data_limits(self.sched)[0], "a data frame"
         return Message("setup_ack", "setup", {"server_has_secret_key": self.holds_secret_key()})
 
     def _stat(self, name: str) -> dict:
@@ -117,26 +229,42 @@ class Server:
         per = layout.chunks
         expect = self.sched.groups * per
         if len(blobs) != expect:
-            raise ValueError(f"{st.name}: expected {expect} ciphertexts, got {len(blobs)}")
-        return [
-            [self.t.he_call(ts.ckks_vector_from, self.ctx, blobs[j * per + c]) for c in range(per)]
-            for j in range(self.sched.groups)
-        ]
+            raise ProtocolError(f"{st.name}: expected {expect} ciphertexts, got {len(blobs)}")
+        out = []
+        for j in range(self.sched.groups):
+            row = []
+            for c in range(per):
+                try:
+                    v = self.t.he_call(ts.ckks_vector_from, self.ctx, blobs[j * per + c])
+                except Exception as e:
+                    raise BadPayloadError(
+                        f"{st.name}: ciphertext {j * per + c} does not parse ({type(e).__name__})"
+                    ) from None
+                if v.size() != layout.size:
+                    raise BadPayloadError(f"{st.name}: ciphertext of size {v.size()}, the schedule's is {layout.size}")
+                row.append(v)
+            out.append(row)
+        return out
 
     def _on_data(self, msg: Message) -> Message:
         steps = self.sched.steps
+        if self.done:
+            raise ProtocolError("the inference is complete; only a stats request is allowed")
         st = steps[self.pc]
         if msg.label != st.name:
-            raise ValueError(f"out-of-order message: got {msg.label!r}, expected {st.name!r}")
+            raise ProtocolError(f"out-of-order message: got {msg.label!r}, expected {st.name!r}")
         t0, h0 = time.perf_counter(), self.t.he
         rec = self._stat(st.name)
         blobs = msg.blobs
         if st.op == "refresh":  # remove the mask from the client's fresh ciphertexts
             if len(blobs) != self.sched.groups * st.dst_layout.chunks:
-                raise ValueError(
+                raise ProtocolError(
                     f"{st.name}: expected {self.sched.groups * st.dst_layout.chunks} ciphertexts, got {len(blobs)}"
                 )
-            blobs = self.t.he_call(self.masker.unmask, st.name, blobs)
+            try:
+                blobs = self.t.he_call(self.masker.unmask, st.name, blobs)
+            except Exception as e:
+                raise BadPayloadError(f"{st.name}: refreshed ciphertexts rejected ({type(e).__name__}: {e})") from None
         self.regs[st.dst] = self._load(st, blobs, st.dst_layout)
         rec["server_s"] += time.perf_counter() - t0
         rec["he_s"] += self.t.he - h0
@@ -167,6 +295,7 @@ class Server:
                 rec["he_s"] += self.t.he - h0
                 if st.op == "output":
                     self.done = True
+                    self.phase = "done"
                     return Message("result", st.name, {}, blobs)
                 return Message("data", st.name, {}, blobs)
             else:
@@ -211,33 +340,5 @@ class Server:
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
             "aborted": self.aborted,
+            "authenticated": self.codec.authenticated,
         }
-
-
-# ---------------------------------------------------------------------------------------------- TCP server process
-def serve_tcp(schedule: Schedule, threads: int, port_queue) -> None:
-    """Entry point of the server process (multiprocessing spawn): listen on 127.0.0.1, serve one client."""
-    srv = Server(schedule, threads=threads)
-    lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    lsock.bind(("127.0.0.1", 0))
-    lsock.listen(1)
-    port_queue.put(lsock.getsockname()[1])
-    lsock.settimeout(600)
-    conn, _ = lsock.accept()
-    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    try:
-        while True:
-            try:
-                frame = recv_frame(conn, "server")
-            except ChannelError as e:
-                srv.aborted = f"{type(e).__name__}: {e}"
-                conn.sendall(Message("error", "error", {"error": srv.aborted}).encode())
-                break
-            if not frame:
-                break
-            conn.sendall(srv.handle(frame))
-            if srv.aborted:
-                break
-    finally:
-        conn.close()
-        lsock.close()
