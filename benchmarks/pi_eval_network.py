@@ -1,6 +1,6 @@
 """Measured vs modelled online latency of pi_eval over an emulated link (issue #11, part 5).
 
-Three processes per run, all on loopback: ``python -m pi_eval serve`` (the server, its own weights),
+Three processes per run: ``python -m pi_eval serve`` (the server, its own weights),
 ``python -m pi_eval relay`` (user-space link: rate + one-way delay RTT/2 per direction, :mod:`pi_eval.relay`) and
 ``python -m pi_eval bench --connect`` (the client, its share only), authenticated with a fresh pre-shared key.
 
@@ -10,16 +10,20 @@ Three processes per run, all on loopback: ``python -m pi_eval serve`` (the serve
   measured in the same run (server + client time per step);
 * ``direct``: the same run without the relay (loopback), for the harness's own overhead.
 
-The link is emulated in user space for both rate and delay (the kernel's ``netem`` is missing on these machines;
-``tc tbf`` in network namespaces could shape the rate but was not used here).  The relay terminates TCP, so TCP slow
-start over the long path is not part of the measurement (see :mod:`pi_eval.relay`).
+Two set-ups: by default the relay emulates rate and delay on loopback; with ``--netns`` (root) the server runs in one
+network namespace and relay + client in another, the veth between them rate-shaped by the kernel (``tc tbf``) and
+the relay adding only the delay (the kernel's ``netem`` is missing on these machines).  The relay terminates TCP, so
+TCP slow start over the long path is not part of the measurement (see :mod:`pi_eval.relay`).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/pi_eval_network.py --out benchmarks/results/pi_eval_network_2026-12-01-cpu
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/pi_eval_network.py --netns \
+        --out benchmarks/results/pi_eval_network_netns_2026-12-01-cpu
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
@@ -45,78 +49,44 @@ def _first_json_line(proc: subprocess.Popen, what: str) -> dict:
     return json.loads(line)
 
 
-def run_one(tmp: Path, preset: str, shape: dict, profile: str | None) -> dict:
-    """One inference over the link ``profile`` (None: direct loopback); returns the client's report."""
+def _pi(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pi_eval", *args]
+
+
+def run_one(tmp: Path, preset: str, shape: dict, profile: str | None, netns: bool = False) -> dict:
+    """One inference over the link ``profile`` (None: direct, no relay); returns the client's report.
+
+    ``netns``: server in namespace a, relay and client in namespace b, the veth between them rate-shaped by the
+    kernel (``tc tbf`` at the profile's rate), the relay adding the delay only.  Otherwise all on loopback, the relay
+    emulating rate and delay.
+    """
     (tmp / "key").write_text(secrets.token_hex(32))
     model = [f"--{k.replace('_', '-')}={v}" for k, v in shape.items()]
-    serve = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pi_eval",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            f"--preset={preset}",
-            *model,
-            "--key-file",
-            str(tmp / "key"),
-            "--client-share",
-            str(tmp / "share.npz"),
-            "--accept-timeout",
-            "300",
-        ],
-        cwd=REPO,
-        env=ENV,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    procs = [serve]
-    try:
-        addr = _first_json_line(serve, "serve")["listening"]
+    keys = ["--key-file", str(tmp / "key"), "--client-share", str(tmp / "share.npz")]
+    with contextlib.ExitStack() as stack:
+        ns = None
+        if netns:
+            from pi_eval.netns import veth_pair
+
+            ns = stack.enter_context(veth_pair(PROFILES[profile][0] if profile else None))
+        in_a, in_b = (ns.prefix(ns.a), ns.prefix(ns.b)) if ns else ([], [])
+        host = ns.addr_a if ns else "127.0.0.1"
+        procs: list[subprocess.Popen] = []
+        stack.callback(lambda: [p.kill() for p in procs if p.poll() is None])
+
+        def start(cmd: list[str], what: str) -> dict:
+            procs.append(subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, text=True))
+            return _first_json_line(procs[-1], what)
+
+        addr = start([*in_a, *_pi("serve", "--listen", f"{host}:0", f"--preset={preset}", *model, *keys)], "serve")
+        addr = addr["listening"]
         if profile is not None:
             mbps, rtt = PROFILES[profile]
-            relay = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "pi_eval",
-                    "relay",
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--connect",
-                    addr,
-                    "--mbps",
-                    str(mbps),
-                    "--rtt-ms",
-                    str(rtt),
-                    "--timeout",
-                    "300",
-                ],
-                cwd=REPO,
-                env=ENV,
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-            procs.append(relay)
-            addr = _first_json_line(relay, "relay")["relay"]
+            relay = _pi("relay", "--listen", "127.0.0.1:0", "--connect", addr, "--rtt-ms", str(rtt), "--timeout", "300")
+            addr = start([*in_b, *relay, "--mbps", "0" if ns else str(mbps)], "relay")["relay"]
         out = tmp / f"{preset}-{profile}"
         bench = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pi_eval",
-                "bench",
-                "--connect",
-                addr,
-                f"--seq-len={shape['seq_len']}",
-                "--client-share",
-                str(tmp / "share.npz"),
-                "--key-file",
-                str(tmp / "key"),
-                "--out",
-                str(out),
-            ],
+            [*in_b, *_pi("bench", "--connect", addr, f"--seq-len={shape['seq_len']}", *keys, "--out", str(out))],
             cwd=REPO,
             env=ENV,
             capture_output=True,
@@ -128,11 +98,6 @@ def run_one(tmp: Path, preset: str, shape: dict, profile: str | None) -> dict:
         for p in procs:
             p.wait(timeout=60)
         return json.loads((out / "report.json").read_text())
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
 
 
 def calibrate(profile: str, sizes=(10, 1_000_000, 4_000_000)) -> list[dict]:
@@ -222,11 +187,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="path prefix; writes PREFIX.json and PREFIX.md")
     ap.add_argument("--presets", nargs="+", default=["SM+LN+G", "SM+ScFuFFN"])
+    ap.add_argument("--netns", action="store_true", help="kernel tbf rate on a veth between namespaces + relay delay")
     args = ap.parse_args()
     shape = {"n_layer": 1, "d_model": 16, "n_head": 2, "vocab_size": 32, "n_positions": 16, "seq_len": 8}
     rows = []
     t0 = time.time()
-    calib = [c for profile in PROFILES for c in calibrate(profile)]
+    calib = [] if args.netns else [c for profile in PROFILES for c in calibrate(profile)]
     for c in calib:
         print(json.dumps(c), flush=True)
     with tempfile.TemporaryDirectory() as d:
@@ -234,7 +200,7 @@ def main() -> None:
         for preset in args.presets:
             direct = run_one(tmp, preset, shape, None)
             for profile in PROFILES:
-                rows.append(row(preset, profile, run_one(tmp, preset, shape, profile), direct))
+                rows.append(row(preset, profile, run_one(tmp, preset, shape, profile, args.netns), direct))
                 print(json.dumps(rows[-1]), flush=True)
     result = {
         "date": "2026-12-01",
@@ -242,8 +208,16 @@ def main() -> None:
         "command": "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/pi_eval_network.py --out " + args.out,
         "shape": shape,
         "params": "n8192-l2",
-        "link": "user-space relay (pi_eval/relay.py) for rate and delay, both directions; TCP terminated at the relay",
-        "transport": "serve / relay / bench --connect: three processes on loopback, HMAC-SHA256 authenticated",
+        "link": (
+            "kernel: tc tbf at the profile's rate on both ends of a veth between two network namespaces (server in one,"
+            " relay and client in the other); user-space relay (pi_eval/relay.py) for the delay only"
+            if args.netns
+            else "user-space relay (pi_eval/relay.py) for rate and delay, both directions, on loopback"
+        )
+        + "; TCP terminated at the relay",
+        "transport": "serve / relay / bench --connect: three processes, HMAC-SHA256 authenticated",
+        "direct": "the same run without the relay"
+        + (" (loopback)" if not args.netns else " (loopback, no namespaces)"),
         "wall_s": time.time() - t0,
         "relay_calibration": calib,
         "rows": rows,
@@ -259,8 +233,9 @@ def main() -> None:
             f" | {r['round_trips']} | {r['compute_s']:.2f} | {r['measured_online_s']:.3f} | {r['modelled_online_s']:.3f}"
             f" | {r['ratio_measured_over_modelled']:.3f} | {r['measured_comm_s']:.3f} / {r['modelled_comm_s']:.3f} |"
         )
-    lines += ["", "Relay alone (one request of n bytes, 1-byte reply; modelled = RTT + n * 8 / rate):", ""]
-    lines += ["| link | bytes | measured ms | modelled ms | ratio |", "|---|---|---|---|---|"]
+    if calib:
+        lines += ["", "Relay alone (one request of n bytes, 1-byte reply; modelled = RTT + n * 8 / rate):", ""]
+        lines += ["| link | bytes | measured ms | modelled ms | ratio |", "|---|---|---|---|---|"]
     for c in calib:
         lines.append(
             f"| {c['profile']} | {c['bytes']:,} | {1e3 * c['measured_s']:.2f} | {1e3 * c['modelled_s']:.2f}"

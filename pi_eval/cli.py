@@ -224,7 +224,7 @@ def relay(args) -> int:
     run_relay(
         parse_address(args.listen),
         parse_address(args.connect),
-        LinkProfile(args.mbps * 1e6, args.rtt_ms * 1e-3),
+        LinkProfile(args.mbps * 1e6 if args.mbps > 0 else None, args.rtt_ms * 1e-3),
         max_connections=args.max_connections,
         idle_timeout=args.timeout,
     )
@@ -328,7 +328,7 @@ def main(argv=None) -> int:
     r = sub.add_parser("relay", help="emulated link (rate + delay) between a client and a server")
     r.add_argument("--listen", required=True, metavar="HOST:PORT")
     r.add_argument("--connect", required=True, metavar="HOST:PORT")
-    r.add_argument("--mbps", type=float, required=True, help="bandwidth per direction, Mbit/s")
+    r.add_argument("--mbps", type=float, required=True, help="bandwidth per direction, Mbit/s (0: delay only)")
     r.add_argument("--rtt-ms", type=float, required=True, help="round-trip time added, ms")
     r.add_argument("--max-connections", type=int, default=1, help="exit after relaying this many connections")
     r.add_argument("--timeout", type=float, default=900.0, help="exit if idle this long, seconds")

@@ -22,15 +22,17 @@ CHUNK = 256 << 10
 
 @dataclass(frozen=True)
 class LinkProfile:
-    rate_bps: float  # per direction
+    rate_bps: float | None  # per direction; None: delay only (the kernel shapes the rate, see pi_eval/netns.py)
     rtt_s: float
 
     def __post_init__(self):
-        if not self.rate_bps > 0 or self.rtt_s < 0:
+        if (self.rate_bps is not None and not self.rate_bps > 0) or self.rtt_s < 0:
             raise ValueError(f"link needs rate > 0 and rtt >= 0, got rate={self.rate_bps} bps, rtt={self.rtt_s} s")
 
     @property
     def queue_chunks(self) -> int:
+        if self.rate_bps is None:  # delay only: 16 MiB in flight at most
+            return 64
         bdp = self.rate_bps / 8 * (self.rtt_s / 2 + 0.05)
         return int(2 * bdp / CHUNK) + 16
 
@@ -48,7 +50,7 @@ async def _link(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, link
                 if not data:
                     break
                 start = max(loop.time(), free)
-                free = start + len(data) * 8 / link.rate_bps
+                free = start + (0.0 if link.rate_bps is None else len(data) * 8 / link.rate_bps)
                 await q.put((free + one_way, data))
         except (ConnectionError, OSError):
             pass

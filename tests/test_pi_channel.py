@@ -311,3 +311,80 @@ def test_serve_and_connect_two_processes_same_counts_as_inprocess(tmp_path, plan
     assert seen["received"][:3] == ["hello:hello", "setup:setup", "data:input"]
     control_up = seen["bytes_in"] - rep["bytes_up"] - rep["setup"]["public_context_bytes_up"]
     assert 0 < control_up < 1000  # the bytes the server saw are the ones the client counted, plus the stats request
+
+
+@pytest.mark.tenseal
+@pytest.mark.slow
+def test_serve_and_connect_across_network_namespaces(tmp_path, plan):
+    """Server in one network namespace, client in another, over a veth pair the test creates (and removes)."""
+    from pi_eval.netns import unavailable, veth_pair
+
+    why = unavailable()
+    if why:
+        pytest.skip(f"cannot create network namespaces here: {why}")
+    (tmp_path / "key").write_text(secrets.token_hex(32))
+    keys = ["--key-file", str(tmp_path / "key"), "--client-share", str(tmp_path / "share.npz")]
+    with veth_pair() as ns:
+        serve = [*ns.prefix(ns.a), sys.executable, "-m", "pi_eval", "serve", "--listen", f"{ns.addr_a}:0"]
+        proc = subprocess.Popen(
+            [*serve, "--preset", "SM+R", *CLI_MODEL, *keys], cwd=REPO, env=ENV, stdout=subprocess.PIPE, text=True
+        )
+        try:
+            addr = json.loads(proc.stdout.readline())["listening"]
+            assert addr.startswith(ns.addr_a)
+            with socket.socket() as s:  # the server's address is not reachable from this (the root) namespace
+                s.settimeout(1)
+                assert s.connect_ex((ns.addr_a, int(addr.rsplit(":", 1)[1]))) != 0
+            bench = [*ns.prefix(ns.b), sys.executable, "-m", "pi_eval", "bench", "--connect", addr, *keys]
+            r = subprocess.run(
+                [*bench, "--seq-len", str(T), "--out", str(tmp_path / "run")],
+                cwd=REPO,
+                env=ENV,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            assert r.returncode == 0, r.stderr[-3000:]
+            assert proc.wait(timeout=60) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    rep = json.loads((tmp_path / "run" / "report.json").read_text())
+    sched = compile_schedule(ClientShare.from_plan(plan).skeleton(), PARAMS, T)
+    assert rep["round_trips"] == 1 + sum(st.op in ("client", "refresh") for st in sched.steps)
+    assert rep["authenticated"] is True and rep["server_holds_secret_key"] is False
+
+
+def test_relay_adds_delay_and_limits_rate():
+    """The link emulator (no encryption): a 10-byte and a 1 MB request over 100 Mbit/s and 80 ms RTT."""
+    import threading
+
+    ls = socket.create_server(("127.0.0.1", 0))
+
+    def sink():
+        c, _ = ls.accept()
+        with c:
+            while hdr := c.recv(8, socket.MSG_WAITALL):
+                c.recv(int.from_bytes(hdr, "big"), socket.MSG_WAITALL)
+                c.sendall(b"k")
+
+    threading.Thread(target=sink, daemon=True).start()
+    cmd = [sys.executable, "-m", "pi_eval", "relay", "--listen", "127.0.0.1:0", "--connect"]
+    cmd += [f"127.0.0.1:{ls.getsockname()[1]}", "--mbps", "100", "--rtt-ms", "80", "--timeout", "30"]
+    relay = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        host, port = json.loads(relay.stdout.readline())["relay"].rsplit(":", 1)
+        times = {}
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            for n in (10, 1_000_000):
+                t0 = time.perf_counter()
+                s.sendall(n.to_bytes(8, "big") + bytes(n))
+                assert s.recv(1) == b"k"
+                times[n] = time.perf_counter() - t0
+        assert json.loads(relay.stdout.readline())["relay_done"]["bytes_up"] == 1_000_026
+    finally:
+        if relay.poll() is None:
+            relay.kill()
+        ls.close()
+    assert 0.079 < times[10] < 0.5, times  # one RTT
+    assert 0.159 < times[1_000_000] < 1.0, times  # RTT + 8 Mbit / 100 Mbit/s
