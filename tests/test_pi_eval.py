@@ -7,16 +7,13 @@ import json
 import numpy as np
 import pytest
 
-ts = pytest.importorskip("tenseal")
-pytest.importorskip("entropic.models")
-
-from pi_eval.channel import RemoteError, TruncatedMessageError  # noqa: E402
-from pi_eval.extract import build_model, plan_from_model, torch_logits  # noqa: E402
-from pi_eval.params import InsecureParametersError, LevelBudgetError, ParamSet, get_param_set  # noqa: E402
-from pi_eval.protocol import run_protocol  # noqa: E402
-from pi_eval.report import build_report, write_report  # noqa: E402
-from pi_eval.schedule import compile_schedule, fit_poly  # noqa: E402
-from pi_eval.slots import TARGET  # noqa: E402
+from pi_eval.channel import RemoteError, TruncatedMessageError
+from pi_eval.extract import build_model, plan_from_model, torch_logits
+from pi_eval.params import InsecureParametersError, LevelBudgetError, ParamSet, get_param_set
+from pi_eval.protocol import run_protocol
+from pi_eval.report import build_report, write_report
+from pi_eval.schedule import compile_schedule, fit_poly
+from pi_eval.slots import TARGET
 
 D, H, V, T = 16, 2, 32, 8
 IDS = np.array([3, 1, 4, 1, 5, 9, 2, 6])

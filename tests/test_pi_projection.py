@@ -8,8 +8,6 @@ import json
 import numpy as np
 import pytest
 
-pytest.importorskip("entropic.models")
-
 from pi_eval.cli import main
 from pi_eval.plot import plot_reports, stacked_costs
 from pi_eval.projection import (
