@@ -75,7 +75,8 @@ def _client(params: ParamSet, wte, wpe, threads: int, client: Client | None) -> 
     return client
 
 
-def _run_client(client, chan, sched, ids, request, transport) -> tuple[np.ndarray, dict, float]:
+def _run_client(client, chan, sched, ids, request) -> tuple[np.ndarray, dict, float]:
+    """One inference, then the server's own stats (control bucket): (logits, server stats, client wall time)."""
     t_online = time.perf_counter()
     logits = client.run(chan, sched, ids, request)
     online = time.perf_counter() - t_online
@@ -122,7 +123,7 @@ def run_protocol(
         raise ValueError(f"unknown transport {transport!r}; use 'inprocess' or 'tcp'")
     chan = Channel(tr, key)
     try:
-        logits, stats, online = _run_client(client, chan, sched, ids, request, transport)
+        logits, stats, online = _run_client(client, chan, sched, ids, request)
     finally:
         chan.close()
         if proc is not None:
@@ -164,7 +165,7 @@ def run_remote(
     t_start = time.perf_counter()
     chan = Channel(TcpTransport(host, port, tamper, timeout=timeout), key)
     try:
-        logits, stats, online = _run_client(client, chan, sched, ids, request, "tcp")
+        logits, stats, online = _run_client(client, chan, sched, ids, request)
     finally:
         chan.close()
     return RunResult(sched, logits, chan, client, stats, time.perf_counter() - t_start, online, "connect")
