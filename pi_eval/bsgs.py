@@ -9,19 +9,13 @@ The plaintext side (diagonals, rotation plan, Galois step list) is :mod:`pi_eval
   freed after it, giant steps once per output chunk, one rescale.
 * :func:`public_context` (client) serializes a TenSEAL public context whose Galois keys are exactly the given
   rotation steps (SEAL's seeded form), instead of TenSEAL's default power-of-two set.
-* :func:`seal_ciphertext` / :func:`ckks_vector` move one ciphertext between a TenSEAL ``CKKSVector`` and ``sealapi``.
-  TenSEAL's objects are SEAL objects, so ``sealapi`` functions take them directly (``vec.data.ciphertext()``,
-  ``ctx.data.seal_context()``, ``ctx.data.galois_keys()``); the way back goes through SEAL's serialization, and
-  ``sealapi`` saves to file paths only, so that crosses a file in a private temporary directory.
+TenSEAL's objects are SEAL objects, so ``sealapi`` functions take them directly (``vec.data.ciphertext()``,
+``ctx.data.seal_context()``, ``ctx.data.galois_keys()``); the way back to a ``CKKSVector`` and the protobuf
+handling of the public context are :mod:`pi_eval.sealio`'s.
 """
 
 from __future__ import annotations
 
-import atexit
-import os
-import shutil
-import struct
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -30,115 +24,17 @@ import tenseal as ts
 import tenseal.sealapi as sa
 
 from .diagonal import DiagonalLinear, galois_steps, signed_step
+from .sealio import ckks_vector, proto_field, proto_fields, saved_bytes, seal_ciphertext
 
 __all__ = [
     "BSGSEvaluator",
-    "ckks_vector",
     "galois_element",
     "galois_steps",
     "public_context",
-    "seal_ciphertext",
 ]
 
 
-# ---------------------------------------------------------------------------------------------- byte helpers
-_scratch_dir: str | None = None
-
-
-def _scratch() -> str:
-    """A private temporary directory (in memory where /dev/shm exists) for sealapi's path-only save/load."""
-    global _scratch_dir
-    if _scratch_dir is None:
-        base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
-        _scratch_dir = tempfile.mkdtemp(prefix="pi_eval_bsgs_", dir=base)
-        atexit.register(shutil.rmtree, _scratch_dir, True)
-    return _scratch_dir
-
-
-def _saved_bytes(obj) -> bytes:
-    """Bytes of a sealapi object (Ciphertext, Serializable keys) as SEAL's ``save`` writes them."""
-    fd, path = tempfile.mkstemp(dir=_scratch())
-    os.close(fd)
-    try:
-        obj.save(path)
-        with open(path, "rb") as f:
-            return f.read()
-    finally:
-        os.unlink(path)
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b, n = n & 0x7F, n >> 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _read_varint(buf: bytes, i: int) -> tuple[int, int]:
-    n = shift = 0
-    while True:
-        if i >= len(buf) or shift > 63:
-            raise ValueError("malformed protobuf: truncated varint")
-        b = buf[i]
-        n, i, shift = n | (b & 0x7F) << shift, i + 1, shift + 7
-        if not b & 0x80:
-            return n, i
-
-
-def _fields(buf: bytes) -> list[tuple[int, int, bytes]]:
-    """Top-level protobuf fields ``(number, wire type, raw value bytes)``; length-delimited values without length."""
-    out, i = [], 0
-    while i < len(buf):
-        key, i = _read_varint(buf, i)
-        num, wire = key >> 3, key & 7
-        if wire == 0:
-            _, j = _read_varint(buf, i)
-        elif wire == 1:
-            j = i + 8
-        elif wire == 5:
-            j = i + 4
-        elif wire == 2:
-            n, i = _read_varint(buf, i)
-            j = i + n
-        else:
-            raise ValueError(f"malformed protobuf: wire type {wire} in field {num}")
-        if j > len(buf):
-            raise ValueError(f"malformed protobuf: field {num} runs past the end")
-        out.append((num, wire, bytes(buf[i:j])))
-        i = j
-    return out
-
-
-def _emit(num: int, wire: int, raw: bytes) -> bytes:
-    key = _varint(num << 3 | wire)
-    return key + (_varint(len(raw)) + raw if wire == 2 else raw)
-
-
-# ---------------------------------------------------------------------------------------------- interop
-def seal_ciphertext(vec: ts.CKKSVector):
-    """The SEAL ciphertext of a one-ciphertext TenSEAL ``CKKSVector`` (a copy; usable by every sealapi call)."""
-    cts = vec.data.ciphertext()
-    if len(cts) != 1:
-        raise ValueError(f"CKKSVector holds {len(cts)} ciphertexts; a BSGS product takes exactly one per input chunk")
-    return cts[0]
-
-
-def ckks_vector(ctx: ts.Context, ct, size: int) -> ts.CKKSVector:
-    """A SEAL ciphertext -> TenSEAL ``CKKSVector`` of declared ``size`` and the ciphertext's scale.
-
-    Builds TenSEAL's ``CKKSVectorProto`` (tenseal/proto/tensors.proto: 1 sizes, 2 ciphertexts, 3 scale).
-    """
-    slots = ctx.data.seal_context().key_context_data().parms().poly_modulus_degree() // 2
-    if not 1 <= size <= slots:
-        raise ValueError(f"size={size} must be in [1, {slots}] (the slots of one ciphertext)")
-    raw = _saved_bytes(ct)
-    sizes = _varint(size)
-    blob = _emit(1, 2, sizes) + _emit(2, 2, raw) + _emit(3, 1, struct.pack("<d", float(ct.scale)))
-    return ts.ckks_vector_from(ctx, blob)
-
-
+# ---------------------------------------------------------------------------------------------- keys
 def galois_element(step: int, poly_modulus_degree: int) -> int:
     """SEAL's Galois element for a left rotation by ``step`` slots (``GaloisTool::get_elt_from_step``)."""
     slots = poly_modulus_degree // 2
@@ -161,15 +57,15 @@ def public_context(ctx: ts.Context, steps: Iterable[int]) -> bytes:
         raise ValueError(f"steps {steps} must be non-empty and non-zero modulo the {n // 2} slots")
     keygen = sa.KeyGenerator(ctx.data.seal_context(), ctx.data.secret_key())
     # sealapi's overload taking a list of ints reads it as Galois elements (uint32) first, so pass elements.
-    galois = _saved_bytes(keygen.create_galois_keys([galois_element(s, n) for s in steps]))
+    galois = saved_bytes(keygen.create_galois_keys([galois_element(s, n) for s in steps]))
     base = ctx.serialize(save_public_key=True, save_secret_key=False, save_galois_keys=False, save_relin_keys=True)
     out = b""
-    for num, wire, raw in _fields(base):
+    for num, wire, raw in proto_fields(base):
         if num == 2 and wire == 2:  # TenSEALPublicProto: append field 5 (galois_keys)
-            if any(f == 5 for f, _, _ in _fields(raw)):
+            if any(f == 5 for f, _, _ in proto_fields(raw)):
                 raise ValueError("the serialized public context already carries Galois keys")
-            raw += _emit(5, 2, galois)
-        out += _emit(num, wire, raw)
+            raw += proto_field(5, 2, galois)
+        out += proto_field(num, wire, raw)
     return out
 
 

@@ -7,7 +7,7 @@ client re-encrypts what it decrypts without ever decoding it.  This module is th
 * :class:`RawCKKS` holds a ``sealapi`` context built from the same parameters as the TenSEAL context (SEAL derives
   the same primes and the same ``parms_id``), the public key, and, on the client only, the secret key;
 * ciphertexts travel between the two worlds as SEAL's own serialization (a TenSEAL ``CKKSVector`` is a small
-  protobuf around it: :func:`vector_to_seal`, :func:`seal_to_vector`);
+  protobuf around it, converted by :mod:`pi_eval.sealio`);
 * a plaintext polynomial is read as ``[primes, N]`` residues (:meth:`RawCKKS.decrypt_coeffs`) and built from integer
   coefficients (:meth:`RawCKKS.plaintext`) through SEAL's own NTT tables, so no floating point is involved.
 
@@ -31,81 +31,6 @@ import tenseal.sealapi.util as sau
 from .params import ParamSet
 
 _SEAL_MAGIC, _SEAL_HEADER = 0xA15E, struct.Struct("<HBBBBHQ")  # magic, header size, major, minor, compr, -, size
-
-
-# ------------------------------------------------------------------------------------ TenSEAL CKKSVector <-> SEAL
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b, n = n & 0x7F, n >> 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _read_varint(buf: bytes, i: int) -> tuple[int, int]:
-    shift = n = 0
-    while True:
-        if i >= len(buf) or shift > 63:
-            raise ValueError("corrupted CKKS vector: bad varint")
-        b = buf[i]
-        n |= (b & 0x7F) << shift
-        i, shift = i + 1, shift + 7
-        if not b & 0x80:
-            return n, i
-
-
-def vector_to_seal(blob: bytes) -> tuple[list[int], list[bytes], float]:
-    """TenSEAL ``CKKSVector.serialize()`` bytes -> (chunk sizes, SEAL ciphertext bytes per chunk, scale).
-
-    The message is ``CKKSVectorProto`` (tenseal/proto/tensors.proto): 1 packed uint32 sizes, 2 bytes ciphertexts,
-    3 double scale.
-    """
-    sizes: list[int] = []
-    cts: list[bytes] = []
-    scale = 0.0
-    i = 0
-    while i < len(blob):
-        key, i = _read_varint(blob, i)
-        field, wire = key >> 3, key & 7
-        if field == 1 and wire == 2:
-            n, i = _read_varint(blob, i)
-            end = i + n
-            while i < end:
-                v, i = _read_varint(blob, i)
-                sizes.append(v)
-        elif field == 1 and wire == 0:
-            v, i = _read_varint(blob, i)
-            sizes.append(v)
-        elif field == 2 and wire == 2:
-            n, i = _read_varint(blob, i)
-            if i + n > len(blob):
-                raise ValueError("corrupted CKKS vector: ciphertext runs past the end")
-            cts.append(bytes(blob[i : i + n]))
-            i += n
-        elif field == 3 and wire == 1:
-            if i + 8 > len(blob):
-                raise ValueError("corrupted CKKS vector: truncated scale")
-            (scale,) = struct.unpack_from("<d", blob, i)
-            i += 8
-        else:
-            raise ValueError(f"corrupted CKKS vector: unexpected field {field} (wire type {wire})")
-    return sizes, cts, scale
-
-
-def seal_to_vector(size: int, ct: bytes, scale: float) -> bytes:
-    """One SEAL ciphertext -> TenSEAL ``CKKSVector`` bytes of declared ``size`` (inverse of :func:`vector_to_seal`)."""
-    sizes = _varint(size)
-    return (
-        b"\x0a"
-        + _varint(len(sizes))
-        + sizes
-        + b"\x12"
-        + _varint(len(ct))
-        + ct
-        + b"\x19"
-        + struct.pack("<d", float(scale))
-    )
 
 
 # ------------------------------------------------------------------------------------------- exact RNS arithmetic

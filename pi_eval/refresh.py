@@ -41,7 +41,8 @@ import numpy as np
 import tenseal.sealapi as sa
 
 from .params import ParamSet
-from .rawpoly import RawCKKS, round_scaled, seal_to_vector, vector_to_seal
+from .rawpoly import RawCKKS, round_scaled
+from .sealio import seal_to_vector, vector_to_seal
 
 SIGMA = 40  # statistical security parameter of the flooding mask
 DEFAULT_VALUE_BOUND = 16.0  # |slot value| bound of a refreshed ciphertext (all slots)

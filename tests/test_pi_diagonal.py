@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import tenseal as ts
 
-from pi_eval.bsgs import BSGSEvaluator, ckks_vector, galois_element, public_context, seal_ciphertext
+from pi_eval.bsgs import BSGSEvaluator, galois_element, public_context
 from pi_eval.client import pack
 from pi_eval.diagonal import BSGSPlan, DiagonalLinear, Diagonals, galois_steps, linear_blocks, signed_step
 from pi_eval.params import PARAM_SETS
 from pi_eval.plan import random_plan
 from pi_eval.schedule import Layout, LinearWeights, compile_schedule
+from pi_eval.sealio import ckks_vector, read_varint, seal_ciphertext, seal_to_vector, varint, vector_to_seal
 
 PARAMS = PARAM_SETS["n8192-l2"]
 SLOTS = PARAMS.slots
@@ -250,6 +251,15 @@ def test_interop_and_context_size(secret_ctx, default_ctx):
     np.testing.assert_allclose(back.decrypt(), [0.5, -1.25, 3.0], atol=1e-6)
     with pytest.raises(ValueError, match=r"size=5000 must be in \[1, 4096\]"):
         ckks_vector(secret_ctx, seal_ciphertext(v), 5000)
+    # TenSEAL's own bytes <-> (sizes, SEAL ciphertext, scale) and back, byte for byte (pi_eval.sealio)
+    sizes, cts, scale = vector_to_seal(v.serialize())
+    assert sizes == [3] and len(cts) == 1 and scale == secret_ctx.global_scale
+    again = seal_to_vector(3, cts[0], scale)
+    assert vector_to_seal(again) == (sizes, cts, scale)
+    np.testing.assert_allclose(ts.ckks_vector_from(secret_ctx, again).decrypt(), [0.5, -1.25, 3.0], atol=1e-6)
+    with pytest.raises(ValueError, match="corrupted CKKS vector"):
+        vector_to_seal(again[:-3])
+    assert read_varint(varint(300), 0) == (300, 2)
     gt = secret_ctx.data.seal_context().key_context_data().galois_tool()
     for s in (1, -1, 16, -16, 112, 2047):
         assert galois_element(s, PARAMS.poly_modulus_degree) == gt.get_elt_from_step(s)

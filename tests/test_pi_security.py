@@ -20,10 +20,11 @@ import tenseal.sealapi as sa
 from pi_eval.extract import build_model, plan_from_model
 from pi_eval.params import get_param_set
 from pi_eval.protocol import run_protocol
-from pi_eval.rawpoly import RawCKKS, vector_to_seal
+from pi_eval.rawpoly import RawCKKS
 from pi_eval.refresh import MaskSpec, ServerMasker
 from pi_eval.report import build_report
 from pi_eval.schedule import MaskHeadroomError, compile_schedule, poly_act_override
+from pi_eval.sealio import vector_to_seal
 
 V = 32
 L4 = "n8192-l4"  # the smallest built-in set whose levels carry the mask for a mode-C activation (2 levels)
