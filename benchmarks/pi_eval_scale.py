@@ -1,14 +1,17 @@
-"""pi_eval's linear layers: today's dense ``mm`` path vs BSGS diagonal products, side by side in one run.
+"""pi_eval's linear layers: the dense ``mm`` baseline vs BSGS diagonal products, side by side in one run.
+
+The dense path is the **baseline**: what ``Server`` ran before issue #12 (the server now runs the BSGS path);
+``LinearWeights.matrices()`` / ``schedule.block_matrix`` stay as the dense reference for it and the tests.
 
 For each shape (d, T) and layer (o_proj d->d, fc_in d->4d, fc_out 4d->d of a random one-layer model compiled by
 pi_eval's own ``compile_schedule`` on ``n8192-l2``) and each path, three subprocesses play the protocol's parties:
 
 1. client (setup): secret key, the public context (dense: TenSEAL's default power-of-two Galois keys, as
-   ``pi_eval.client`` makes it; BSGS: only the steps the layer uses), packed and encrypted input;
+   ``pi_eval.client`` made it; BSGS: only the steps the layer uses), packed and encrypted input;
 2. server: loads the public context and the ciphertexts, prepares the weights (dense: one ``ts.plain_tensor`` per
-   (input chunk, output chunk) matrix from ``LinearWeights.matrices()``, exactly as ``Server.__init__`` does today;
+   (input chunk, output chunk) matrix from ``LinearWeights.matrices()``, exactly as ``Server.__init__`` did;
    BSGS: the layer's placements and rotation plan) and runs the layer on every token group (dense: ``mm`` per
-   block as ``Server._linear``; BSGS: :class:`pi_eval.bsgs.BSGSEvaluator`), biases added with TenSEAL on both;
+   block as ``Server._linear`` did; BSGS: :class:`pi_eval.bsgs.BSGSEvaluator`), biases added with TenSEAL on both;
 3. client (finish): decrypts and compares with ``X @ W + b`` packed by pi_eval's ``pack`` (max abs error).
 
 Each party reports its wall time and its peak RSS (``ru_maxrss`` of its own process). A last step sizes the public

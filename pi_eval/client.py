@@ -8,11 +8,14 @@ operations of mode A (decrypt -> exact function in float64 -> re-encrypt) and th
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import numpy as np
 import tenseal as ts
 
+from .bsgs import public_context
 from .channel import Channel, Message
+from .diagonal import schedule_galois_steps
 from .limits import data_limits
 from .params import ParamSet
 from .plan import act_fn, causal_attention, layernorm
@@ -20,6 +23,8 @@ from .rawpoly import RawCKKS
 from .refresh import ClientRefresher, MaskSpec
 from .schedule import Layout, Schedule
 from .share import schedule_digests
+
+_POWER_OF_TWO_BYTES: dict[str, int] = {}  # per parameter set: Client.power_of_two_context_bytes, once per process
 
 
 def pack(X: np.ndarray, lay: Layout, groups: int) -> list[list[np.ndarray]]:
@@ -61,20 +66,44 @@ class Client:
             n_threads=threads,
         )
         self.ctx.global_scale = 2.0**params.scale_bits
-        self.ctx.generate_galois_keys()
-        self.keygen_s = time.perf_counter() - t0
+        self.keygen_s = time.perf_counter() - t0  # Galois keys are added per schedule, in public_context(steps)
+        self.galois_steps: tuple[int, ...] | None = None  # the steps of the last public context built
         self.step_stats: dict[str, dict] = {}
         self.refresher: ClientRefresher | None = None
         self.timing: dict[str, float] = {}  # wall time of the last run: setup (hello + context), online (input..logits)
 
-    def public_context(self) -> bytes:
-        """Public, relinearization and Galois keys only (no secret key)."""
+    def public_context(self, steps: Sequence[int] | None = None) -> bytes:
+        """Public, relinearization and Galois keys only (no secret key).
+
+        ``steps``: the rotation steps to carry Galois keys for (:func:`pi_eval.diagonal.schedule_galois_steps`
+        of the schedule, what :meth:`run` sends); ``None``: TenSEAL's default power-of-two set (the comparison
+        :meth:`power_of_two_context_bytes` measures).
+        """
         t0 = time.perf_counter()
-        blob = self.ctx.serialize(
-            save_public_key=True, save_secret_key=False, save_galois_keys=True, save_relin_keys=True
-        )
-        self.he += time.perf_counter() - t0
+        if steps is None:
+            ctx = self.ctx.copy()
+            ctx.generate_galois_keys()
+            blob = ctx.serialize(
+                save_public_key=True, save_secret_key=False, save_galois_keys=True, save_relin_keys=True
+            )
+        else:
+            self.galois_steps = tuple(steps)
+            blob = public_context(self.ctx, self.galois_steps)
+        dt = time.perf_counter() - t0
+        self.keygen_s += dt
+        self.he += dt
         return blob
+
+    def power_of_two_context_bytes(self) -> int:
+        """Bytes of this client's public context with TenSEAL's default power-of-two Galois keys (2 log2(N/2) - 1
+        rotations and the conjugation): the setup pi_eval sent before the schedule's own key list.  Measured on a
+        copy of the context, once per parameter set and process; not sent."""
+        name = self.params.name
+        if name not in _POWER_OF_TWO_BYTES:
+            he, kg = self.he, self.keygen_s
+            _POWER_OF_TWO_BYTES[name] = len(self.public_context(None))
+            self.he, self.keygen_s = he, kg
+        return _POWER_OF_TWO_BYTES[name]
 
     # ------------------------------------------------------------------ HE helpers (timed)
     def _enc(self, vecs):
@@ -110,7 +139,8 @@ class Client:
         t_setup = time.perf_counter()
         channel.handshake(request, schedule_digests(sched))
         channel.codec.recv_limit, channel.codec.phase = data_limits(sched)[1], "a data frame"
-        ack = channel.exchange(Message("setup", "setup", {}, [self.public_context()]), bucket="setup")
+        steps = schedule_galois_steps(sched)  # the server derives the same list from its schedule and checks it
+        ack = channel.exchange(Message("setup", "setup", {}, [self.public_context(steps)]), bucket="setup")
         if ack.meta.get("server_has_secret_key"):
             raise RuntimeError("server reports holding a secret key")
         # input: embedding lookup happens here, on the client; the online phase starts

@@ -27,6 +27,7 @@ between consecutive offsets (3 keys, ``{1, B, -B}``, for the band of a dense ``w
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -326,6 +327,7 @@ class DiagonalLinear:
         *,
         baby: int | None = None,
         name: str = "linear",
+        plan: BSGSPlan | None = None,
     ):
         _check_slots(slots)
         if chunks_in < 1 or chunks_out < 1:
@@ -345,14 +347,31 @@ class DiagonalLinear:
         self.chunks_in, self.chunks_out, self.slots = chunks_in, chunks_out, slots
         self.n_out = {co: blk.n_out for (_, co), blk in self.blocks.items()}
         self._indices = {k: blk.indices() for k, blk in self.blocks.items()}
-        self.plan = BSGSPlan.for_indices(
-            np.concatenate(list(self._indices.values())), slots, chunks_in, chunks_out, baby
-        )
+        if plan is None:
+            plan = BSGSPlan.for_indices(
+                np.concatenate(list(self._indices.values())), slots, chunks_in, chunks_out, baby
+            )
+        else:  # a given plan (e.g. :func:`layer_plan`, shared with the client) must cover every diagonal
+            if plan.slots != slots or (baby is not None and baby != plan.baby):
+                raise ValueError(f"{name}: plan for {plan.slots} slots, baby {plan.baby}; the layer has {slots} slots")
+            babies, giants = set(plan.baby_offsets), set(plan.giant_offsets)
+            for k, idx in self._indices.items():
+                splits = (plan.split(int(s)) for s in idx)
+                outside = [g + j for g, j in splits if g not in giants or j not in babies]
+                if outside:
+                    raise ValueError(f"{name}: block {k} has diagonals {outside[:5]} outside the given BSGS plan")
+        self.plan = plan
 
     @classmethod
-    def from_linear_weights(cls, lw, slots: int, *, baby: int | None = None, name: str = "linear") -> DiagonalLinear:
-        """From pi_eval's ``schedule.LinearWeights`` (the layouts decide chunks, copies and cyclic registers)."""
-        return cls(linear_blocks(lw, slots), lw.lin.chunks, lw.lout.chunks, slots, baby=baby, name=name)
+    def from_linear_weights(
+        cls, lw, slots: int, *, baby: int | None = None, name: str = "linear", plan: BSGSPlan | None = None
+    ) -> DiagonalLinear:
+        """From pi_eval's ``schedule.LinearWeights`` (the layouts decide chunks, copies and cyclic registers).
+
+        ``plan=layer_plan(lw, slots)`` gives the plan both parties derive from the schedule (the server does);
+        ``None`` plans for this layer's own non-zero diagonals.
+        """
+        return cls(linear_blocks(lw, slots), lw.lin.chunks, lw.lout.chunks, slots, baby=baby, name=name, plan=plan)
 
     @classmethod
     def from_dense(
@@ -391,3 +410,44 @@ class DiagonalLinear:
 def galois_steps(layers: Iterable[DiagonalLinear]) -> tuple[int, ...]:
     """The rotation steps a set of layers uses: a public context needs Galois keys for exactly these."""
     return tuple(sorted({s for layer in layers for s in layer.galois_steps()}))
+
+
+# ---------------------------------------------------------------------------------------------- plans from the schedule
+@functools.lru_cache(maxsize=256)
+def _structural_plan(lin, lout, shape: tuple[int, int], q_valid: int, valid_in: int, slots: int) -> BSGSPlan:
+    dense = _ShapeOnly(np.ones(shape), lin, lout, q_valid, valid_in)
+    blocks = linear_blocks(dense, slots)
+    idx = np.concatenate([b.indices() for b in blocks.values()])
+    return BSGSPlan.for_indices(idx, slots, lin.chunks, lout.chunks)
+
+
+@dataclass(frozen=True)
+class _ShapeOnly:
+    """The fields of ``schedule.LinearWeights`` that :func:`linear_blocks` reads, with every weight set to 1."""
+
+    W: np.ndarray
+    lin: object
+    lout: object
+    q_valid: int
+    valid_in: int
+
+
+def layer_plan(lw, slots: int) -> BSGSPlan:
+    """The BSGS plan of one scheduled linear layer from its **layouts and weight shape only** (every weight counted
+    as non-zero), so the client, which holds no weights, derives the same plan and Galois steps as the server.
+
+    A layer's real diagonals are a subset of these (a zero weight block is only skipped), so the server's products
+    rotate only by the plan's steps.  Cached on ``(layouts, shape, copies, slots)``: the blocks of a model share them.
+    """
+    return _structural_plan(lw.lin, lw.lout, tuple(np.shape(lw.W)), int(lw.q_valid), int(lw.valid_in), int(slots))
+
+
+def schedule_plans(sched) -> dict[str, BSGSPlan]:
+    """``{linear step name: plan}`` for every server linear layer of a ``schedule.Schedule``."""
+    return {name: layer_plan(lw, sched.params.slots) for name, lw in sched.server_weights.items()}
+
+
+def schedule_galois_steps(sched) -> tuple[int, ...]:
+    """Every rotation step the server's linear layers perform for ``sched``: the Galois keys the client's public
+    context carries (ascending, signed).  Both parties compute it from the schedule they agreed on."""
+    return tuple(sorted({s for plan in schedule_plans(sched).values() for s in plan.galois_steps()}))

@@ -7,9 +7,10 @@ A receiver checks every announced body length against these bounds before readin
   without the special prime); SEAL's zstd compression can only add its frame overhead (< 0.4 % + a few hundred
   bytes), TenSEAL's protobuf wrapper a few bytes more: bound ``raw * 1.01 + 4 KiB``.
 * **Public context** (setup frame): public key (2 polynomials over all k primes) plus one key-switching key for
-  relinearization and one per Galois element, each ``(k - 1) * 2 * N * k * 8`` bytes, at most ``2 log2 N``
-  Galois keys (SEAL's default set has ``2 log2(N/2) - 1`` plus the conjugation), same 1 % + 64 KiB margin.
-  n8192-l2: 43 MB bound, 35.3 MB measured.
+  relinearization and one per Galois element, each ``(k - 1) * 2 * N * k * 8`` bytes, same 1 % + 64 KiB margin.
+  The server knows how many Galois keys the schedule needs (:func:`pi_eval.diagonal.schedule_galois_steps`) and
+  bounds the setup frame by that count; without a count the bound assumes ``2 log2 N`` keys (SEAL's default
+  power-of-two set has ``2 log2(N/2) - 1`` plus the conjugation): n8192-l2, 43 MB bound, 35.3 MB measured.
 * **Data frames** (after the hello): the most ciphertexts one message of the schedule carries, per direction.
 """
 
@@ -29,10 +30,13 @@ def ciphertext_bound(params: ParamSet) -> int:
     return math.ceil(2 * n * (k - 1) * 8 * 1.01) + 4096
 
 
-def public_context_bound(params: ParamSet) -> int:
+def public_context_bound(params: ParamSet, galois_keys: int | None = None) -> int:
+    """Largest public context with ``galois_keys`` Galois keys (``None``: ``2 log2 N``, the power-of-two set)."""
     n, k = params.poly_modulus_degree, len(params.coeff_mod_bit_sizes)
     ksk = (k - 1) * 2 * n * k * 8
-    galois = 2 * int(math.log2(n))
+    galois = 2 * int(math.log2(n)) if galois_keys is None else int(galois_keys)
+    if galois < 0:
+        raise ValueError(f"galois_keys={galois_keys} must be >= 0")
     return math.ceil((2 * n * k * 8 + (1 + galois) * ksk) * 1.01) + (64 << 10)
 
 
@@ -57,5 +61,6 @@ def data_limits(sched: Schedule) -> tuple[int, int]:
     return max(CONTROL_LIMIT, META_BYTES + up * ct), max(CONTROL_LIMIT, META_BYTES + down * ct)
 
 
-def setup_limit(params: ParamSet) -> int:
-    return META_BYTES + public_context_bound(params)
+def setup_limit(params: ParamSet, galois_keys: int | None = None) -> int:
+    """Body limit of the setup frame (the public context with ``galois_keys`` keys, see :func:`public_context_bound`)."""
+    return META_BYTES + public_context_bound(params, galois_keys)

@@ -7,7 +7,8 @@ holds ``cp`` consecutive pieces of one group in the order (piece, token, feature
 
     slot index = copy * n_c + (piece - first_piece) * g * w + token_in_group * w + feature_in_piece
 
-A linear layer maps an input chunk to an output chunk with one TenSEAL ``mm`` (Halevi-Shoup diagonals) on a matrix
+A linear layer maps an input chunk to an output chunk with one diagonal product (the semantics of TenSEAL's ``mm``;
+the server runs it as BSGS on the generalized diagonals, :mod:`pi_eval.diagonal`, :mod:`pi_eval.bsgs`) on a matrix
 that is block diagonal over tokens, ``M[(m,k,t,e), (q,k',t',e')] = [t == t'] * W[k*w+e, k'*w+e']`` for one chosen
 input copy ``m`` per output block.  ``mm`` on a vector of declared size ``n`` computes output ``j`` from slot
 ``j + ((row - j) mod n)`` and rotations are cyclic over *all* slots, so entry (row, j) reads slot ``row`` when either
@@ -20,8 +21,8 @@ output is not, so a register is declared one of two ways:
   packing).  A server-side linear whose input is not fresh loses copies like it loses levels; the planner tracks
   both and inserts a refresh (mode B) when either runs out.
 * *cyclic* (declared size = slots, ``copies = slots // n_c``, zero tail): any entry is exact, so no copy is ever
-  lost.  Used when the copies a compact register would need do not fit.  It costs more server time (TenSEAL scans
-  every one of the ``n_in`` candidate diagonals), not bytes: a ciphertext has the same size whatever it holds.
+  lost.  Used when the copies a compact register would need do not fit.  The BSGS product encodes only the
+  diagonals its weight placements occupy, so it does not pay TenSEAL ``mm``'s scan of all ``n_in`` candidates.
 
 Token groups are as large as the slots allow (``g = min(T, slots // w)``, then balanced), so every register goes
 in the fewest ciphertexts its payload allows (see :mod:`pi_eval.slots` for the slot-use accounting).
@@ -186,7 +187,10 @@ def block_matrix(
 ) -> np.ndarray:
     """Block-diagonal-over-tokens matrix [lin.size, lout.size] for input chunk cin -> output chunk cout.
 
-    Fills the first ``q_valid`` output copies, reading only the first ``valid_in`` input copies.
+    Fills the first ``q_valid`` output copies, reading only the first ``valid_in`` input copies.  The **dense
+    reference** of a layer's packing: the server never builds it (it runs :mod:`pi_eval.diagonal`'s placements, which
+    the tests check against this), the tests' plaintext model of ``mm`` and the dense baseline of
+    ``benchmarks/pi_eval_scale.py`` do.
     """
     w, g = lin.w, lin.g
     pin, pout = lin.chunk_pieces(cin), lout.chunk_pieces(cout)
@@ -227,7 +231,11 @@ def tile_bias(b: np.ndarray | None, lout: Layout, cout: int, q_valid: int) -> np
 
 @dataclass
 class LinearWeights:
-    """What the server needs for one linear layer; the dense ``mm`` matrices are built by the server at setup."""
+    """What the server needs for one linear layer: the weights in numpy and the layouts they map between.
+
+    The server turns them into BSGS diagonals when the layer runs (:class:`pi_eval.diagonal.DiagonalLinear`);
+    :meth:`matrices` is the dense reference (tests, the benchmark's baseline).
+    """
 
     W: np.ndarray
     b: np.ndarray | None
@@ -237,7 +245,8 @@ class LinearWeights:
     valid_in: int  # input copies that may be read
 
     def matrices(self) -> Iterator[tuple[tuple[int, int], np.ndarray]]:
-        """((input chunk, output chunk), dense matrix) for every non-zero pair, one at a time (they can be large)."""
+        """((input chunk, output chunk), dense matrix) for every non-zero pair, one at a time (slots x slots each:
+        the dense reference, see :func:`block_matrix`)."""
         for ci in range(self.lin.chunks):
             for co in range(self.lout.chunks):
                 M = block_matrix(self.W, self.lin, self.lout, ci, co, self.q_valid, self.valid_in)
@@ -246,12 +255,6 @@ class LinearWeights:
 
     def biases(self) -> list[np.ndarray]:
         return [tile_bias(self.b, self.lout, co, self.q_valid) for co in range(self.lout.chunks)]
-
-
-def nonzero_diagonals(M: np.ndarray) -> int:
-    n_in, n_out = M.shape
-    idx = (np.arange(n_in)[:, None] + np.arange(n_out)[None, :]) % n_in
-    return int(np.count_nonzero(np.any(M[idx, np.arange(n_out)[None, :]] != 0, axis=1)))
 
 
 def _x_copies(plan: ModelPlan) -> int:

@@ -1,5 +1,10 @@
 """The server: plaintext weights plus a *public* TenSEAL context (public, relinearization and Galois keys).
 
+Linear layers run as baby-step giant-step diagonal products (:mod:`pi_eval.bsgs`): a layer's diagonals are
+encoded when the layer runs and freed after it, and the public context must carry the Galois keys of exactly the
+rotation steps the schedule uses (:func:`pi_eval.diagonal.schedule_galois_steps`, which the client derives from
+the same schedule); a context missing one is refused at the setup.
+
 It holds its own model (:class:`~pi_eval.plan.ModelPlan`) and receives only the client's request (parameter set,
 sequence length, modes), the schedule digests, the public context and ciphertexts.  It compiles the schedule from its
 own model for that request and refuses a client whose schedule differs (:mod:`pi_eval.share`).  It never holds a
@@ -21,13 +26,15 @@ import traceback
 
 import tenseal as ts
 
+from .bsgs import BSGSEvaluator
 from .channel import VERSION, ChannelError, FrameCodec, Message, error_message
+from .diagonal import BSGSPlan, DiagonalLinear, schedule_plans
 from .limits import data_limits, setup_limit
 from .params import ParamSet, get_param_set
 from .plan import ModelPlan
 from .rawpoly import RawCKKS
 from .refresh import MaskSpec, ServerMasker
-from .schedule import Schedule, compile_schedule
+from .schedule import LinearWeights, Schedule, compile_schedule
 from .share import ScheduleMismatchError, check_digests, schedule_digests
 
 
@@ -79,7 +86,10 @@ class Server:
         self.phase = "hello"  # hello -> setup -> online -> done
         self.ctx: ts.Context | None = None
         self.masker: ServerMasker | None = None  # mode B (hiding refresh), built once the public context is known
-        self.weights: dict = {}
+        self.bsgs: BSGSEvaluator | None = None  # linear layers, built once the public context is known
+        self.weights: dict[str, LinearWeights] = {}  # the schedule's plaintext weights (numpy; encoded per layer)
+        self.plans: dict[str, BSGSPlan] = {}  # the BSGS plan of each linear layer, derived from the schedule
+        self.galois_steps: tuple[int, ...] = ()  # the rotation steps those plans use (the client's Galois keys)
         self.regs: dict[str, list[list]] = {}
         self.pc = 0
         self.done = False
@@ -185,16 +195,17 @@ class Server:
         )
         check_digests(schedule_digests(sched), m.get("schedule"))
         self.sched = sched
-        t0 = time.perf_counter()  # plaintext weights, encoded once (server-side setup, not traffic)
-        self.weights = {
-            name: ({k: ts.plain_tensor(M) for k, M in lw.matrices()}, [b.tolist() for b in lw.biases()])
-            for name, lw in sched.server_weights.items()
-        }
-        self.setup_stats["weight_encode_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()  # BSGS plans from layouts and shapes: what the client derives too (no encoding)
+        self.weights = dict(sched.server_weights)
+        self.plans = schedule_plans(sched)
+        self.galois_steps = tuple(sorted({s for p in self.plans.values() for s in p.galois_steps()}))
+        self.setup_stats["plan_s"] = time.perf_counter() - t0
+        self.setup_stats["galois_steps"] = list(self.galois_steps)
         nonce_s = secrets.token_bytes(32)
         self._rekey = (bytes.fromhex(nonce), nonce_s)
         self.phase = "setup"
-        self.codec.recv_limit, self.codec.phase = setup_limit(self.params), "the public context"
+        self.codec.recv_limit = setup_limit(self.params, len(self.galois_steps))
+        self.codec.phase = "the public context"
         return Message("hello_ack", "hello", {"nonce": nonce_s.hex(), "echo": nonce, "params": self.params.name})
 
     def _setup(self, msg: Message) -> Message:
@@ -212,7 +223,14 @@ class Server:
         n = ctx.seal_context().data.key_context_data().parms().poly_modulus_degree()
         if n != self.params.poly_modulus_degree:
             raise BadPayloadError(f"context N={n} does not match the parameter set {self.params.name}")
-        self.ctx = ctx
+        bsgs = BSGSEvaluator(ctx)
+        missing = bsgs.missing_steps(self.galois_steps)
+        if missing:
+            raise BadPayloadError(
+                f"public context lacks Galois keys for rotation steps {missing}; the schedule's linear layers use "
+                f"{list(self.galois_steps)}"
+            )
+        self.ctx, self.bsgs = ctx, bsgs
         assert not self.holds_secret_key()
         if any(st.op == "refresh" for st in self.sched.steps):
             raw = self.t.he_call(RawCKKS, self.params, ctx)
@@ -223,7 +241,9 @@ class Server:
         return Message("setup_ack", "setup", {"server_has_secret_key": self.holds_secret_key()})
 
     def _stat(self, name: str) -> dict:
-        return self.step_stats.setdefault(name, {"server_s": 0.0, "he_s": 0.0, "mm_calls": 0, "diagonals": 0})
+        return self.step_stats.setdefault(
+            name, {"server_s": 0.0, "he_s": 0.0, "rotations": 0, "plaintext_products": 0, "encode_s": 0.0}
+        )
 
     def _load(self, st, blobs: list[bytes], layout) -> list[list]:
         per = layout.chunks
@@ -305,28 +325,27 @@ class Server:
             self.pc += 1
 
     def _linear(self, st, rec):
-        mats, biases = self.weights[st.name]
-        src = self.regs[st.src]
+        """One linear layer for every token group: BSGS product, then bias and residual (TenSEAL additions).
+
+        The layer's diagonals are built from the numpy weights and encoded here, per output chunk, and freed
+        before the next layer runs (:meth:`pi_eval.bsgs.BSGSEvaluator.apply`).
+        """
+        lw = self.weights[st.name]
+        layer = DiagonalLinear.from_linear_weights(lw, self.params.slots, name=st.name, plan=self.plans[st.name])
+        before = dict(self.bsgs.stats)
+        out = self.t.he_call(self.bsgs.apply_vectors, layer, self.regs[st.src])
+        after = self.bsgs.stats
+        rec["rotations"] += int(after["rotations"] - before.get("rotations", 0))
+        rec["plaintext_products"] += int(after["multiplies"] - before.get("multiplies", 0))
+        rec["encode_s"] += after["encode_s"] - before.get("encode_s", 0.0)
+        biases = [b.tolist() for b in lw.biases()]
         res = self.regs[st.residual] if st.residual else None
-        out = []
-        for j, grp in enumerate(src):
-            row = []
-            for co in range(st.dst_layout.chunks):
-                acc = None
-                for ci, ct in enumerate(grp):
-                    pt = mats.get((ci, co))
-                    if pt is None:
-                        continue
-                    r = self.t.he_call(ct.mm, pt)
-                    rec["mm_calls"] += 1
-                    acc = r if acc is None else self.t.he_call(acc.__add__, r)
-                if acc is None:
-                    raise ValueError(f"{st.name}: output chunk {co} has no non-zero weights")
-                acc = self.t.he_call(acc.__add__, biases[co])
+        for j, row in enumerate(out):
+            for co in range(len(row)):
+                acc = self.t.he_call(row[co].__add__, biases[co])
                 if res is not None:
                     acc = self.t.he_call(acc.__add__, res[j][co])
-                row.append(acc)
-            out.append(row)
+                row[co] = acc
         self.regs[st.dst] = out
 
     def stats(self) -> dict:

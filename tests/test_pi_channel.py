@@ -143,15 +143,42 @@ def test_garbage_ciphertext_refused(plan, digests):
 
     srv, chan = _inprocess(plan, key=secrets.token_bytes(32))
     chan.handshake(REQUEST, digests)
-    chan.exchange(Message("setup", "setup", {}, [Client(PARAMS, plan.wte, plan.wpe).public_context()]), bucket="setup")
+    chan.exchange(
+        Message("setup", "setup", {}, [Client(PARAMS, plan.wte, plan.wpe).public_context(srv.galois_steps)]),
+        bucket="setup",
+    )
     with pytest.raises(RemoteError, match=r"\[protocol\]: input: expected 1 ciphertexts, got 2"):
         chan.exchange(Message("data", "input", {}, [b"a", b"b"]))
     srv, chan = _inprocess(plan, key=secrets.token_bytes(32))
     chan.handshake(REQUEST, digests)
-    chan.exchange(Message("setup", "setup", {}, [Client(PARAMS, plan.wte, plan.wpe).public_context()]), bucket="setup")
+    chan.exchange(
+        Message("setup", "setup", {}, [Client(PARAMS, plan.wte, plan.wpe).public_context(srv.galois_steps)]),
+        bucket="setup",
+    )
     with pytest.raises(RemoteError, match=r"\[bad_payload\]: input: ciphertext 0 does not parse"):
         chan.exchange(Message("data", "input", {}, [secrets.token_bytes(300_000)]))
     assert srv.holds_secret_key() is False and srv.pc == 0
+
+
+@pytest.mark.tenseal
+def test_context_without_a_scheduled_galois_key_refused(plan, digests):
+    from pi_eval.client import Client
+    from pi_eval.diagonal import schedule_galois_steps
+    from pi_eval.limits import setup_limit
+
+    srv, chan = _inprocess(plan, key=secrets.token_bytes(32))
+    chan.handshake(REQUEST, digests)
+    # the client derives the server's rotation steps from its share alone (layouts and weight shapes)
+    assert srv.galois_steps == schedule_galois_steps(
+        compile_schedule(ClientShare.from_plan(plan).skeleton(), PARAMS, T)
+    )
+    assert srv.codec.recv_limit == setup_limit(PARAMS, len(srv.galois_steps)) < setup_limit(PARAMS)
+    short = Client(PARAMS, plan.wte, plan.wpe).public_context(srv.galois_steps[1:])
+    with pytest.raises(
+        RemoteError, match=rf"\[bad_payload\]: public context lacks Galois keys .* \[{srv.galois_steps[0]}\]"
+    ):
+        chan.exchange(Message("setup", "setup", {}, [short]), bucket="setup")
+    assert srv.ctx is None and srv.bsgs is None
 
 
 # ------------------------------------------------------------------------------------------------ one server process

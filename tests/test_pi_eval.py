@@ -72,6 +72,20 @@ def test_modes_labelled_and_refresh_used_for_fused(runs):
 
 
 @pytest.mark.tenseal
+def test_public_context_carries_only_the_schedules_galois_keys(runs):
+    for preset in PRESETS:
+        _, _, res, _, rep = runs[preset]
+        setup = rep["setup"]
+        assert setup["galois_steps"] == list(res.client.galois_steps) == res.server_stats["setup"]["galois_steps"]
+        assert 1 <= setup["galois_keys"] <= 8
+        # TenSEAL's default set (24 power-of-two keys at N=8192, 35 MB) against this run's few keys
+        assert rep["setup_bytes"] < 0.3 * setup["power_of_two_context_bytes"]
+        assert "power-of-two" in setup["public_context_note"]
+        linear = [r for r in rep["operations"] if r["kind"] == "linear"]
+        assert all(r["rotations"] > 0 and r["plaintext_products"] > 0 for r in linear)
+
+
+@pytest.mark.tenseal
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("preset", PRESETS)
 def test_report_bytes_equal_channel_bytes(request, shape, preset):

@@ -151,7 +151,9 @@ def test_every_slot_is_masked_including_past_the_declared_size(runs):
         past = max(past, float(np.abs(true[size:]).max(initial=0.0)))
         # no slot the client receives is within 1e3 of the true slot (the mask is ~2^60 per slot)
         assert float(np.min(np.abs(seen - true))) > 1e3, (key, st.name)
-    assert past > 1e-2  # mm did write values past the declared size of some refreshed register: they are masked too
+    # The BSGS products write only noise past the declared size (TenSEAL's mm, before #12, wrote weight-dependent
+    # values there, > 1e-2); the assertion above covers those slots all the same.
+    assert past < 1e-3
 
 
 @pytest.mark.tenseal
