@@ -55,13 +55,9 @@ def _build_model(args):
     if args.checkpoint:
         from entropic.models import EntropicForCausalLM
 
-        ckpt = Path(args.checkpoint)
-        if not (ckpt / "config.json").is_file():
-            raise FileNotFoundError(
-                f"--checkpoint {args.checkpoint!r} is not a save_pretrained directory: "
-                + ("it does not exist" if not ckpt.exists() else "it has no config.json")
-            )
-        return EntropicForCausalLM.from_pretrained(ckpt).eval().double()
+        from .checkpoint import resolve_checkpoint
+
+        return EntropicForCausalLM.from_pretrained(resolve_checkpoint(args.checkpoint)).eval().double()
     return build_model(
         args.preset,
         n_layer=args.n_layer,
@@ -74,8 +70,22 @@ def _build_model(args):
     )
 
 
+def _plan(model, args):
+    """The model's plan, named by the checkpoint or preset, with its architecture (preset name) in ``info``."""
+    from .checkpoint import architecture_name
+    from .extract import plan_from_model
+
+    plan = plan_from_model(model, name=args.checkpoint or args.preset)
+    plan.info["architecture"] = architecture_name(model.config)
+    return plan
+
+
+def _progress(line: str) -> None:
+    print(f"pi_eval: {line}", file=sys.stderr, flush=True)
+
+
 def bench(args, tamper=None) -> int:
-    from .extract import plan_from_model, torch_logits
+    from .extract import torch_logits
     from .protocol import run_protocol, run_remote
     from .report import build_report, parse_profile, write_report
     from .schedule import poly_act_override
@@ -105,14 +115,17 @@ def bench(args, tamper=None) -> int:
             threads=args.threads,
             timeout=args.timeout,
             tamper=tamper,
+            progress=_progress,
         )
         model = ref = None
+        arch = share.info.get("architecture")
         n_layer, d_model, vocab = len(share.blocks), share.wte.shape[1], share.vocab_size
         n_head = share.blocks[0]["n_head"] if share.blocks else None
         name = share.name
     else:
         model = _build_model(args)
-        plan = plan_from_model(model, name=args.checkpoint or args.preset)
+        plan = _plan(model, args)
+        arch = plan.info["architecture"]
         ids = np.random.default_rng(args.seed).integers(0, plan.vocab_size, args.seq_len)
         ref = torch_logits(model, ids)
         res = run_protocol(
@@ -125,13 +138,15 @@ def bench(args, tamper=None) -> int:
             transport=args.transport,
             threads=args.threads,
             tamper=tamper,
+            progress=_progress,
         )
         n_layer, d_model, vocab = len(plan.blocks), plan.d_model, plan.vocab_size
         n_head = plan.blocks[0].n_head if plan.blocks else None
         name = plan.name
     profiles = dict(parse_profile(p) for p in args.profile or [])
     meta = {
-        "preset": None if connect else args.preset,
+        "preset": None if connect or args.checkpoint else args.preset,
+        "architecture": arch,  # the preset whose architecture the model has (a checkpoint's own, not --preset)
         "checkpoint": args.checkpoint,
         "model": name,
         "n_layer": n_layer,
@@ -174,13 +189,17 @@ def bench(args, tamper=None) -> int:
     }
     summary["wan_online_s"] = rep["latency"]["WAN"]["online_s"]
     summary["online_wall_s"] = rep["online_wall_s"]
+    summary["architecture"] = arch
+    summary["peak_rss_gb"] = {
+        k: None if rep["peak_rss"][f"{k}_bytes"] is None else rep["peak_rss"][f"{k}_bytes"] / 1e9
+        for k in ("client", "server")
+    }
     summary["report"] = str(js)
     print(json.dumps(summary, indent=2))
     return 0
 
 
 def serve(args) -> int:
-    from .extract import plan_from_model
     from .serve import ServeConfig, listen, parse_address
     from .serve import serve as serve_tcp
     from .server import Server
@@ -189,7 +208,7 @@ def serve(args) -> int:
     key = read_key(args.key_file)
     host, port = parse_address(args.listen)
     cfg = ServeConfig(args.timeout, args.handshake_timeout, args.accept_timeout, args.max_attempts)
-    plan = plan_from_model(_build_model(args), name=args.checkpoint or args.preset)
+    plan = _plan(_build_model(args), args)
     if args.client_share:
         ClientShare.from_plan(plan).save(args.client_share)
     lsock = listen(host, port)
@@ -357,7 +376,12 @@ def main(argv=None) -> int:
 def _model_args(b: argparse.ArgumentParser) -> None:
     """The model (a preset's random model or a checkpoint), the parameter set and the request's sequence length."""
     b.add_argument("--preset", default="SM+LN+G")
-    b.add_argument("--checkpoint", default=None, help="a save_pretrained directory instead of a random preset")
+    b.add_argument(
+        "--checkpoint",
+        default=None,
+        help="instead of a random preset: a save_pretrained directory, an `entropic fit` run directory (its model/, "
+        "exported from checkpoints/last.ckpt if missing) or that last.ckpt",
+    )
     b.add_argument("--n-layer", type=int, default=1)
     b.add_argument("--d-model", type=int, default=32)
     b.add_argument("--n-head", type=int, default=2)

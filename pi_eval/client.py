@@ -8,7 +8,7 @@ operations of mode A (decrypt -> exact function in float64 -> re-encrypt) and th
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import tenseal as ts
@@ -21,6 +21,7 @@ from .params import ParamSet
 from .plan import act_fn, causal_attention, layernorm
 from .rawpoly import RawCKKS
 from .refresh import ClientRefresher, MaskSpec
+from .rss import peak_rss_bytes
 from .schedule import Layout, Schedule
 from .share import schedule_digests
 
@@ -71,6 +72,7 @@ class Client:
         self.step_stats: dict[str, dict] = {}
         self.refresher: ClientRefresher | None = None
         self.timing: dict[str, float] = {}  # wall time of the last run: setup (hello + context), online (input..logits)
+        self.progress: Callable[[str], None] | None = None  # called with one line per layer reached (e.g. stderr)
 
     def public_context(self, steps: Sequence[int] | None = None) -> bytes:
         """Public, relinearization and Galois keys only (no secret key).
@@ -153,10 +155,18 @@ class Client:
         rec["client_s"] += time.perf_counter() - t0
         rec["he_s"] += self.he - h0
         reply = channel.exchange(Message("data", "input", {}, blobs))
+        n_layer, reached = max(s.layer for s in sched.steps), -1
         while True:
             st = by_name.get(reply.label)
             if st is None:
                 raise ValueError(f"server sent an unknown step {reply.label!r}")
+            if self.progress is not None and st.layer > reached:
+                reached = st.layer
+                where = "head" if st.layer >= n_layer else f"layer {st.layer + 1}/{n_layer}"
+                self.progress(
+                    f"{where} ({st.name}, mode {st.mode}) after {time.perf_counter() - t_online:.1f} s online; "
+                    f"client peak RSS {peak_rss_bytes() / 1e9:.2f} GB"
+                )
             rec, t0, h0 = self._stat(st.name), time.perf_counter(), self.he
             if reply.kind == "result":
                 vecs = self._dec(reply.blobs, st.src_layout, sched.groups)

@@ -45,7 +45,8 @@ def stacked_costs(report: dict[str, Any], profile: str = "WAN") -> tuple[str, di
         for k, v in report["by_kind"].items():
             nbytes[_kind(k)] += v["bytes_up"] + v["bytes_down"]
             secs[_kind(k)] += comm_s.get(k, 0.0) + v["server_s"] + v["client_s"]
-        label = f"{meta.get('preset') or meta.get('checkpoint') or '?'} T={report.get('seq_len', '?')}"
+        arch = meta.get("architecture") or meta.get("preset") or meta.get("checkpoint") or "?"
+        label = f"{arch} T={report.get('seq_len', '?')}"
     elif "comm_gb_by_kind" in report and "latency_min_by_kind" in report:
         for k, v in report["comm_gb_by_kind"].items():
             nbytes[_kind(k)] += v * 1e9

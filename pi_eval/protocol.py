@@ -14,6 +14,7 @@ import multiprocessing as mp
 import queue
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,12 +67,14 @@ def _request(params: ParamSet, seq_len: int, modes: dict | None, allow_refresh: 
     }
 
 
-def _client(params: ParamSet, wte, wpe, threads: int, client: Client | None) -> Client:
+def _client(
+    params: ParamSet, wte, wpe, threads: int, client: Client | None, progress: Callable[[str], None] | None
+) -> Client:
     if client is None:
-        return Client(params, wte, wpe, threads=threads)
-    client.he, client.step_stats = 0.0, {}
-    if client.params != params:
+        client = Client(params, wte, wpe, threads=threads)
+    elif client.params != params:
         raise ValueError("the reused client was built for another parameter set")
+    client.he, client.step_stats, client.progress = 0.0, {}, progress
     return client
 
 
@@ -97,14 +100,16 @@ def run_protocol(
     tamper: Tamper | None = None,
     client: Client | None = None,
     key: bytes | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> RunResult:
-    """``transport``: 'inprocess' (unkeyed checksum unless ``key``) or 'tcp' (spawned server, random key)."""
+    """``transport``: 'inprocess' (unkeyed checksum unless ``key``) or 'tcp' (spawned server, random key);
+    ``progress``: called with one line per layer the client reaches."""
     params = get_param_set(params)
     ids = np.asarray(ids)
     # the level budget is checked here, before any key or ciphertext exists
     sched = compile_schedule(plan, params, len(ids), modes, allow_refresh=allow_refresh, poly_degree=poly_degree)
     request = _request(params, len(ids), modes, allow_refresh, poly_degree)
-    client = _client(params, plan.wte, plan.wpe, threads, client)
+    client = _client(params, plan.wte, plan.wpe, threads, client, progress)
     t_start = time.perf_counter()
     proc = None
     server = None
@@ -149,6 +154,7 @@ def run_remote(
     threads: int = 1,
     timeout: float = 600.0,
     tamper: Tamper | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> RunResult:
     """The client of ``bench --connect``: its share only (embeddings, mode-A parameters), the server elsewhere."""
     if key is None:
@@ -161,7 +167,7 @@ def run_remote(
         share.skeleton(), params, len(ids), modes, allow_refresh=allow_refresh, poly_degree=poly_degree
     )
     request = _request(params, len(ids), modes, allow_refresh, poly_degree)
-    client = _client(params, share.wte, share.wpe, threads, None)
+    client = _client(params, share.wte, share.wpe, threads, None, progress)
     t_start = time.perf_counter()
     chan = Channel(TcpTransport(host, port, tamper, timeout=timeout), key)
     try:

@@ -12,6 +12,7 @@ import numpy as np
 
 from entropic.io import atomic_write_text
 
+from .rss import peak_rss_bytes
 from .slots import run_slot_use, step_count
 
 # name -> (bandwidth in bit/s, round-trip time in s)
@@ -69,6 +70,20 @@ def _setup_comparison(res) -> dict:
             f"layers use; with TenSEAL's default power-of-two keys it would be {ref / 1e6:.1f} MB "
             f"(measured here on a copy of the context), {sent / 1e6:.1f} MB sent"
         ),
+    }
+
+
+def _peak_rss(res) -> dict:
+    """Peak resident memory of each party's process so far (bytes; ``getrusage``)."""
+    same = res.transport == "inprocess"
+    client = peak_rss_bytes()
+    return {
+        "client_bytes": client,
+        "server_bytes": client if same else res.server_stats.get("peak_rss_bytes"),
+        "same_process": same,
+        "note": "one process ran both parties: both values are its peak"
+        if same
+        else "each party's own process (the server reports its value in its stats)",
     }
 
 
@@ -171,6 +186,7 @@ def build_report(
             **res.server_stats.get("setup", {}),
             **_setup_comparison(res),
         },
+        "peak_rss": _peak_rss(res),
         "control_bytes": chan.control.bytes_up + chan.control.bytes_down,
         "wire_bytes_all": chan.wire_bytes(),
         # None when the reporting party holds no plaintext model (the client of ``bench --connect``)

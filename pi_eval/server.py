@@ -34,6 +34,7 @@ from .params import ParamSet, get_param_set
 from .plan import ModelPlan
 from .rawpoly import RawCKKS
 from .refresh import MaskSpec, ServerMasker
+from .rss import peak_rss_bytes
 from .schedule import LinearWeights, Schedule, compile_schedule
 from .share import ScheduleMismatchError, check_digests, schedule_digests
 
@@ -360,4 +361,5 @@ class Server:
             "bytes_out": self.bytes_out,
             "aborted": self.aborted,
             "authenticated": self.codec.authenticated,
+            "peak_rss_bytes": peak_rss_bytes(),  # this process's (shared with the client when in-process)
         }

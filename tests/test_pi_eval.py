@@ -229,7 +229,7 @@ def test_polynomial_mode_c_end_to_end():
 
 
 @pytest.mark.tenseal
-def test_bench_checkpoint_via_cli(tmp_path):
+def test_bench_checkpoint_via_cli(tmp_path, capsys):
     import torch
 
     from pi_eval.cli import main
@@ -238,14 +238,19 @@ def test_bench_checkpoint_via_cli(tmp_path):
     with torch.no_grad():  # move temperatures and FFN scales off their init so the checkpoint must carry them
         for p in m.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    ckpt = tmp_path / "ckpt"
-    m.save_pretrained(ckpt)
+    ckpt = tmp_path / "fit_run"  # an `entropic fit` run directory: the model is its model/ subdirectory
+    m.save_pretrained(ckpt / "model")
     out = tmp_path / "run"
     assert main(["bench", "--checkpoint", str(ckpt), "--seq-len", "8", "--out", str(out), "--save-logits"]) == 0
     rep = json.loads((out / "report.json").read_text())
     for k in ("bytes_total", "round_trips", "setup_bytes", "slot_use", "slot_use_bound", "harness_overhead"):
         assert k in rep, k
     assert rep["meta"]["checkpoint"] == str(ckpt) and rep["meta"]["d_model"] == D
+    # named by its own architecture, not by the default --preset (SM+LN+G)
+    assert rep["meta"]["architecture"] == "SM(t)+ScFuFFN" and rep["meta"]["preset"] is None
+    assert rep["peak_rss"]["same_process"] and rep["peak_rss"]["client_bytes"] == rep["peak_rss"]["server_bytes"] > 0
+    err = capsys.readouterr().err
+    assert "pi_eval: layer 1/1 (" in err and "pi_eval: head (" in err and "client peak RSS" in err
     saved = np.load(out / "logits.npz")
     ref = torch_logits(m, saved["ids"])  # the model that was saved, not the one the CLI loaded
     assert np.abs(saved["reference"] - ref).max() < 1e-10
@@ -267,7 +272,33 @@ def test_bench_bad_checkpoint_fails_before_encryption(tmp_path, monkeypatch, cap
     (tmp_path / "empty").mkdir()
     assert main(["bench", "--checkpoint", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
     assert "no config.json" in capsys.readouterr().err
+    (tmp_path / "w.ckpt").write_bytes(b"")
+    assert main(["bench", "--checkpoint", str(tmp_path / "w.ckpt"), "--out", str(tmp_path / "o")]) == 2
+    assert "only a run's checkpoints/last.ckpt is accepted" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_checkpoint_forms_resolve_to_a_save_pretrained_directory(tmp_path):
+    import os
+
+    from entropic.models import EntropicConfig
+    from pi_eval.checkpoint import architecture_name, resolve_checkpoint
+
+    model = tmp_path / "run" / "model"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    last.parent.mkdir()
+    last.write_bytes(b"")
+    os.utime(last, (0, 0))  # older than model/: no export needed
+    assert resolve_checkpoint(model) == model
+    assert resolve_checkpoint(tmp_path / "run") == model
+    assert resolve_checkpoint(last) == model
+    (tmp_path / "notes.txt").write_text("")
+    with pytest.raises(FileNotFoundError, match="is a file but not a checkpoint"):
+        resolve_checkpoint(tmp_path / "notes.txt")
+    assert architecture_name(EntropicConfig.from_preset("SM+R", n_layer=4, n_embd=128, n_head=4)) == "SM+R"
+    assert architecture_name(EntropicConfig.from_preset("SM+R", ln_attn=True)) == "custom"
 
 
 @pytest.mark.tenseal
@@ -288,6 +319,9 @@ def test_tcp_transport_same_counts_and_public_context_only(runs):
         assert abs(rep[k] - rep_in[k]) <= 2e-3 * rep_in[k], (k, rep[k], rep_in[k])
     for k in ("slot_use", "slot_use_bound", "ciphertexts_sent_min"):
         assert rep[k] == rep_in[k], k
+    # the spawned server measured its own peak memory; a fresh process holds far less than this test process
+    peak = rep["peak_rss"]
+    assert not peak["same_process"] and 0 < peak["server_bytes"] < peak["client_bytes"]
     # within each run, the bytes the server process saw equal the bytes the client's channel counted
     # (the stats snapshot is taken while the stats reply is being built, so that reply is not in bytes_out)
     for r in (res, res_in):
