@@ -74,7 +74,7 @@ def _setup_comparison(res) -> dict:
 
 
 def _peak_rss(res) -> dict:
-    """Peak resident memory of each party's process so far (bytes; ``getrusage``)."""
+    """Peak resident memory of each party's process so far (bytes; :func:`pi_eval.rss.peak_rss_bytes`)."""
     same = res.transport == "inprocess"
     client = peak_rss_bytes()
     return {
@@ -98,6 +98,7 @@ def build_report(
     """Report of one run.  ``reference_logits``: the plaintext model the protocol evaluates (with the mode-C
     polynomials, if any; None when the reporting party holds no model); ``exact_logits``: the original model, to
     report what the polynomials cost in accuracy."""
+    peak_rss = _peak_rss(res)  # before the setup comparison below generates its reference keys
     sched, chan = res.schedule, res.channel
     profiles = {**NETWORK_PROFILES, **(profiles or {})}
     srv = res.server_stats["steps"]
@@ -186,7 +187,7 @@ def build_report(
             **res.server_stats.get("setup", {}),
             **_setup_comparison(res),
         },
-        "peak_rss": _peak_rss(res),
+        "peak_rss": peak_rss,
         "control_bytes": chan.control.bytes_up + chan.control.bytes_down,
         "wire_bytes_all": chan.wire_bytes(),
         # None when the reporting party holds no plaintext model (the client of ``bench --connect``)
