@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import csv
+import io
 import json
 import math
 import os
@@ -235,17 +237,58 @@ def _finished_steps(run_dir: Path) -> int | None:
         return None
 
 
+def archive_run(run_dir: Path, archive_dir: Path) -> None:
+    """Copies what the report needs of a finished run into ``archive_dir`` (a few dozen KB, written atomically).
+
+    The archive (``<docs>/runs/<arm>/seed<k>``: metrics, recipe, summary, wall time and θ, no weights) is committed
+    with the results, so the study continues on another machine: an archived run is never trained again and is
+    always reported.
+    """
+    rows = read_run_metrics(run_dir)
+    fields = list(dict.fromkeys(key for row in rows for key in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(archive_dir / "logs" / "metrics.csv", buffer.getvalue())
+    hparams = sorted(run_dir.glob("logs/*/hparams.yaml"))
+    for source, target in (
+        (run_dir / "recipe.yaml", archive_dir / "recipe.yaml"),
+        (run_dir / "report.json", archive_dir / "report.json"),
+        (run_dir / "summary.json", archive_dir / "summary.json"),
+        (run_dir / "wall_time.json", archive_dir / "wall_time.json"),
+        (hparams[-1] if hparams else None, archive_dir / "logs" / "hparams.yaml"),
+    ):
+        if source is not None and source.is_file():
+            atomic_write_text(target, source.read_text())
+    atomic_write_json(archive_dir / "thresholds.json", {"thresholds": _learned_thresholds(run_dir)})
+
+
+def finished_run_dir(out: Path, archive: Path, key: str, seed: int) -> Path | None:
+    """The directory of a finished (arm, seed): the run itself (archived on the way), else its archive copy."""
+    run_dir, kept = out / key / f"seed{seed}", archive / key / f"seed{seed}"
+    if _finished_steps(run_dir) is not None:
+        if _finished_steps(kept) is None:
+            archive_run(run_dir, kept)
+        return run_dir
+    return kept if _finished_steps(kept) is not None else None
+
+
 def _add_wall_time(run_dir: Path, seconds: float) -> None:
     path = run_dir / "wall_time.json"
     total = json.loads(path.read_text())["seconds"] if path.is_file() else 0.0
     atomic_write_json(path, {"seconds": total + seconds})
 
 
-def train_run(key: str, seed: int, run_dir: Path, recipe: dict, *, log) -> None:
-    """Trains one (arm, seed) in a child process, resuming from last.ckpt after an interruption."""
+def train_run(key: str, seed: int, run_dir: Path, recipe: dict, *, log, archive: Path | None = None) -> None:
+    """Trains one (arm, seed) in a child process, resuming from last.ckpt after an interruption; a run found
+    finished in ``archive`` is not trained again, and a run that finishes is archived there."""
     target = int(recipe["trainer"]["max_steps"])
     name = f"{key}/seed{seed}"
+    kept = None if archive is None else archive / key / f"seed{seed}"
     done = _finished_steps(run_dir)
+    if done is None and kept is not None:
+        done = _finished_steps(kept)
     if done is not None and done >= target:
         log(f"[{name}] finished earlier ({done} steps), skipped")
         return
@@ -264,6 +307,8 @@ def train_run(key: str, seed: int, run_dir: Path, recipe: dict, *, log) -> None:
     _add_wall_time(run_dir, elapsed)
     if result.returncode != 0:
         raise RuntimeError(f"{name} failed (exit {result.returncode}); see {run_dir / 'train.log'}")
+    if kept is not None:
+        archive_run(run_dir, kept)
     log(f"[{name}] done in {elapsed / 60:.1f} min")
 
 
@@ -323,9 +368,12 @@ def _head_means(rows: list[dict[str, str]]) -> np.ndarray:
 
 
 def _learned_thresholds(run_dir: Path) -> list[list[float]] | None:
-    """θ [L, H] from the run's last checkpoint, or None when the run has none."""
+    """θ [L, H] from the run's archived thresholds.json or its last checkpoint, or None when the run has none."""
     import torch
 
+    kept = run_dir / "thresholds.json"
+    if kept.is_file():
+        return json.loads(kept.read_text())["thresholds"]
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
     if not checkpoint.is_file():
         return None
@@ -651,19 +699,21 @@ def select_arms(names: str | None) -> list[Arm]:
     return [ARMS_BY_KEY[n] for n in wanted]
 
 
-def write_report(arms: list[Arm], out: Path, docs: Path, overrides: dict, *, log) -> int:
-    """Tabulates every finished run of ``arms`` (and their controls) into ``docs``; returns 1 if none."""
+def write_report(arms: list[Arm], out: Path, docs: Path, overrides: dict, *, log, archive: Path | None = None) -> int:
+    """Tabulates every finished run of ``arms`` (and their controls), trained here or archived, into ``docs``;
+    archives the ones trained here. Returns 1 if there is none."""
+    archive = archive if archive is not None else docs / "runs"
     keys = {a.key for a in arms} | {a.control for a in arms if a.control}
     keys |= {f.control for f in FINDINGS if f.arm in keys}
     ordered = [a for a in ARMS if a.key in keys]
     runs: dict[tuple[str, int], RunResult] = {}
     curves: dict[tuple[str, int], dict] = {}
     for arm in ordered:
-        for seed_dir in sorted((out / arm.key).glob("seed*")):
-            seed = int(seed_dir.name[4:])
-            if _finished_steps(seed_dir) is None:
-                continue
-            runs[(arm.key, seed)], curves[(arm.key, seed)] = collect_run(arm.key, seed, seed_dir)
+        seeds = {int(d.name[4:]) for base in (out, archive) for d in (base / arm.key).glob("seed*")}
+        for seed in sorted(seeds):
+            run_dir = finished_run_dir(out, archive, arm.key, seed)
+            if run_dir is not None:
+                runs[(arm.key, seed)], curves[(arm.key, seed)] = collect_run(arm.key, seed, run_dir)
     if not runs:
         log("no finished run to report")
         return 1
@@ -734,7 +784,7 @@ def main(argv: list[str] | None = None) -> int:
         def run(item: tuple[Arm, int, dict]) -> None:
             arm, seed, recipe = item
             try:
-                train_run(arm.key, seed, out / arm.key / f"seed{seed}", recipe, log=log)
+                train_run(arm.key, seed, out / arm.key / f"seed{seed}", recipe, log=log, archive=docs / "runs")
             except RuntimeError as error:  # one failed run must not stop the others
                 log(str(error))
                 failures.append(str(error))

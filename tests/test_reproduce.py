@@ -84,6 +84,16 @@ def test_seeded_arms_train_report_and_are_skipped_when_rerun(repro, tmp_path, ca
     assert "[sm_ln_g/seed0] finished earlier (4 steps), skipped" in out and "[sm/seed1] finished earlier" in out
     assert (tmp_path / "runs" / "sm" / "seed0" / "train.log").read_text() == trained_log
 
+    # The archive in the docs carries the study to a machine without the runs: nothing retrains, same results.
+    assert (tmp_path / "docs" / "runs" / "ereg" / "seed1" / "thresholds.json").is_file()
+    moved = [a if a != str(tmp_path / "runs") else str(tmp_path / "elsewhere") for a in args]
+    assert repro.main(moved) == 0
+    assert capsys.readouterr().out.count("finished earlier") == 6 and not (tmp_path / "elsewhere").exists()
+    again = json.loads((tmp_path / "docs" / "results.json").read_text())
+    assert sorted(again["runs"], key=lambda r: (r["key"], r["seed"])) == sorted(
+        results["runs"], key=lambda r: (r["key"], r["seed"])
+    )
+
 
 def test_pass_rule(repro):
     assert repro.pass_rule([1.0, 1.2, 0.9]) == 1
