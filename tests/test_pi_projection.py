@@ -58,7 +58,13 @@ def test_nnls_matches_unconstrained_solution_and_clamps_negative_ones():
         nnls(a, np.ones(3))
 
 
-def test_held_out_rows_within_15_percent_and_fitted_errors_reported():
+# The errors pi_eval/README.md states, rounded up: the tests fail if the fit gets worse than documented.
+FITTED_COMM, FITTED_LATENCY = 0.001, 0.025  # documented: <= 0.05 %, <= 2.3 %
+HELD_OUT_COMM, HELD_OUT_LATENCY = 0.005, 0.10  # documented: <= 0.4 %, +4.4 % to +9.4 %
+LEFT_OUT_LATENCY = {"Languini L=12 T=512": 0.10}  # documented: <= 4.7 % (CodeParrot tables), <= 9.4 % (Languini)
+
+
+def test_held_out_rows_within_the_documented_error_and_fitted_errors_reported():
     model = fit_cost_model()
     rows = model.errors()
     held = [r for r in rows if not r["fitted"]]
@@ -66,22 +72,23 @@ def test_held_out_rows_within_15_percent_and_fitted_errors_reported():
     assert {r["table"] for r in fitted} == set(FIT_TABLES)
     assert held and all(r["table"] not in FIT_TABLES for r in held)
     for r in held:
-        assert abs(r["comm_rel_error"]) < 0.15, r
-        assert abs(r["latency_rel_error"]) < 0.15, r
+        assert abs(r["comm_rel_error"]) < HELD_OUT_COMM, r
+        assert abs(r["latency_rel_error"]) < HELD_OUT_LATENCY, r
     summary = model.error_summary()
     assert summary["fitted"]["max_abs_comm_rel_error"] == max(abs(r["comm_rel_error"]) for r in fitted)
     assert summary["held_out"]["max_abs_latency_rel_error"] == max(abs(r["latency_rel_error"]) for r in held)
-    assert summary["fitted"]["max_abs_latency_rel_error"] < 0.15
+    assert summary["fitted"]["max_abs_comm_rel_error"] < FITTED_COMM
+    assert summary["fitted"]["max_abs_latency_rel_error"] < FITTED_LATENCY
     assert all(v >= 0 for v in (*model.comm_gb.values(), *model.latency_min.values()))
     assert len(FEATURES) < len({(r.table, r.preset) for r in PAPER_ROWS if r.table in FIT_TABLES})
 
 
-def test_every_table_left_out_is_predicted_within_15_percent():
+def test_every_table_left_out_is_predicted_within_the_documented_error():
     cv = cross_validate()
     assert set(cv) == {r.table for r in PAPER_ROWS}
     for table, err in cv.items():
-        assert err["max_abs_comm_rel_error"] < 0.15, table
-        assert err["max_abs_latency_rel_error"] < 0.15, table
+        assert err["max_abs_comm_rel_error"] < HELD_OUT_COMM, table
+        assert err["max_abs_latency_rel_error"] < LEFT_OUT_LATENCY.get(table, 0.05), table
 
 
 def test_fit_needs_two_known_tables():
@@ -91,12 +98,11 @@ def test_fit_needs_two_known_tables():
         fit_cost_model(["CodeParrot L=12 T=128", "no such table"])
 
 
-def test_cli_json_matches_paper_baseline_within_fit_error(capsys):
+def test_cli_json_matches_the_papers_baseline_row(capsys):
     assert main(["project", "--preset", "SM+LN+G", "--seq-len", "128", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    fit = out["fit"]["fitted"]
-    assert out["comm_gb"] == pytest.approx(25.32, rel=fit["max_abs_comm_rel_error"] + 1e-9)
-    assert out["latency_min"] == pytest.approx(8.21, rel=fit["max_abs_latency_rel_error"] + 1e-9)
+    assert out["comm_gb"] == pytest.approx(25.32, rel=FITTED_COMM)  # the paper's CodeParrot GPT-2 row
+    assert out["latency_min"] == pytest.approx(8.21, rel=FITTED_LATENCY)
     assert sum(out["comm_gb_by_kind"].values()) == pytest.approx(out["comm_gb"])
     assert sum(out["latency_min_by_kind"].values()) == pytest.approx(out["latency_min"])
     assert out["comm_gb_by_kind"]["gelu"] > 0 and out["comm_gb_by_kind"]["relu"] == 0
