@@ -151,14 +151,6 @@ class ModelPlan:
         out = x @ self.w_head
         return out + self.b_head if self.b_head is not None else out
 
-    def nonlinear_kinds(self) -> dict:
-        kinds = {"softmax": len(self.blocks), "layernorm": 0, "gelu": 0, "relu": 0}
-        for b in self.blocks:
-            kinds["layernorm"] += (b.ln1 is not None) + (b.ln2 is not None)
-            if b.ffn == "mlp" and b.act != "identity":
-                kinds["relu" if b.act == "relu" else "gelu"] += 1
-        return kinds
-
 
 def random_plan(
     *,
