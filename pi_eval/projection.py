@@ -37,6 +37,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import scipy.optimize
 
 from entropic.accounting import flops, nonlinear_ops
 
@@ -50,7 +51,6 @@ __all__ = [
     "Projection",
     "cross_validate",
     "fit_cost_model",
-    "nnls",
     "project",
     "row_features",
 ]
@@ -205,44 +205,11 @@ def _paper_features(row: PaperRow) -> dict[str, float]:
     return row_features(cfg, row.seq_len, row.vocab_size)
 
 
-def nnls(a: np.ndarray, b: np.ndarray, *, max_iter: int = 200) -> np.ndarray:
-    """Non-negative least squares, ``argmin_{x >= 0} ||a x - b||``, by Lawson and Hanson's active-set method.
-
-    Args:
-        a: ``[m, n]`` design matrix.
-        b: ``[m]`` targets.
-        max_iter: bound on outer iterations.
-
-    Returns:
-        ``[n]`` solution with every entry ``>= 0``.
-    """
-    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    if a.ndim != 2 or b.shape != (a.shape[0],):
-        raise ValueError(f"nnls needs a [m, n] matrix and [m] targets, got {a.shape} and {b.shape}")
-    n = a.shape[1]
+def _nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``argmin_{x >= 0} ||a x - b||`` (SciPy's Lawson-Hanson), on unit-norm columns for conditioning."""
     scale = np.linalg.norm(a, axis=0)
     scale[scale == 0] = 1.0
-    a = a / scale
-    passive = np.zeros(n, dtype=bool)
-    x = np.zeros(n)
-    tol = 1e-10 * max(1.0, float(np.abs(a.T @ b).max(initial=0.0)))
-    for _ in range(max_iter):
-        grad = a.T @ (b - a @ x)
-        if passive.all() or grad[~passive].max() <= tol:
-            break
-        passive[np.argmax(np.where(passive, -np.inf, grad))] = True
-        while True:
-            z = np.zeros(n)
-            z[passive] = np.linalg.lstsq(a[:, passive], b, rcond=None)[0]
-            if (z[passive] > 0).all():
-                x = z
-                break
-            blocking = passive & (z <= 0)
-            step = np.min(x[blocking] / (x[blocking] - z[blocking]))
-            x = x + step * (z - x)
-            passive &= x > 1e-15
-            x[~passive] = 0.0
-    return x / scale
+    return scipy.optimize.nnls(a / scale, b)[0] / scale
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,7 +289,7 @@ def _fit(fit_tables: tuple[str, ...]) -> CostModel:
     coefs = {}
     for target in ("comm_gb", "latency_min"):
         y = np.array([getattr(r, target) for r in rows])
-        x = nnls(a / y[:, None], np.ones_like(y))  # relative error: each row's residual is divided by its value
+        x = _nnls(a / y[:, None], np.ones_like(y))  # relative error: each row's residual is divided by its value
         coefs[target] = dict(zip(FEATURES, map(float, x), strict=True))
     return CostModel(coefs["comm_gb"], coefs["latency_min"], fit_tables)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import json
 
-import numpy as np
 import pytest
 
 from pi_eval.cli import main
@@ -16,7 +15,6 @@ from pi_eval.projection import (
     PAPER_ROWS,
     cross_validate,
     fit_cost_model,
-    nnls,
     project,
 )
 
@@ -44,18 +42,6 @@ def _harness_report(preset: str, scale: float) -> dict:
         "by_kind": by_kind,
         "latency": {"WAN": {"by_kind_comm_s": comm_s}},
     }
-
-
-def test_nnls_matches_unconstrained_solution_and_clamps_negative_ones():
-    rng = np.random.default_rng(0)
-    a = rng.uniform(0.5, 2.0, (20, 4))
-    x_true = np.array([1.0, 0.0, 3.0, 0.5])
-    assert np.allclose(nnls(a, a @ x_true), x_true, atol=1e-9)
-    x = nnls(a, a @ np.array([1.0, -2.0, 3.0, 0.5]))
-    assert (x >= 0).all()
-    assert x[1] == 0.0
-    with pytest.raises(ValueError, match="nnls needs"):
-        nnls(a, np.ones(3))
 
 
 # The errors pi_eval/README.md states, rounded up: the tests fail if the fit gets worse than documented.
