@@ -128,6 +128,20 @@ ARMS: tuple[Arm, ...] = (
         "sm_t_scfuffn",
         regularization={**EREG, "threshold_init": "observed"},
     ),
+    Arm(
+        "ereg_weak",
+        "ereg_sm_t_scfuffn",
+        "EReg, θ observed, λ=0.01",
+        "sm_t_scfuffn",
+        regularization={**EREG, "threshold_init": "observed", "loss_coeff": 0.01},
+    ),
+    Arm(
+        "ereg_wide",
+        "ereg_sm_t_scfuffn",
+        "EReg, θ observed, γ=0.4",
+        "sm_t_scfuffn",
+        regularization={**EREG, "threshold_init": "observed", "tolerance": 0.4},
+    ),
     Arm("ereg_paper_lambda", "ereg_sm_t_scfuffn", "EReg, θ₀=0.35", "sm_t_scfuffn", regularization=dict(EREG)),
     Arm(
         "ereg_per_query",
@@ -183,6 +197,8 @@ FINDINGS: tuple[Finding, ...] = (
     Finding(4, "FFN scaling with α₀=10 prevents the collapse", "sm_scfuffn_a10_hi", "sm_hi", "val_ppl", -1),
     Finding(5, "A learnable temperature lowers perplexity", "sm_t_scfuffn", "sm_scfuffn", "val_ppl", -1),
     Finding(6, "Entropy regularization lowers perplexity (θ observed)", "ereg", "sm_t_scfuffn", "val_ppl", -1),
+    Finding(6, "Entropy regularization lowers perplexity (λ=0.01)", "ereg_weak", "sm_t_scfuffn", "val_ppl", -1),
+    Finding(6, "Entropy regularization lowers perplexity (γ=0.4)", "ereg_wide", "sm_t_scfuffn", "val_ppl", -1),
     Finding(
         6, "Entropy regularization lowers perplexity (paper λ)", "ereg_paper_lambda", "sm_t_scfuffn", "val_ppl", -1
     ),
