@@ -1,8 +1,9 @@
 """The client: holds the CKKS secret key and the input.
 
 It embeds its tokens (it holds the embedding tables), encrypts them token-packed, performs the client-aided
-operations of mode A (decrypt -> exact function in float64 -> re-encrypt) and the masked refreshes of mode B
-(decrypt the masked values -> re-encrypt, it never sees the mask), and decrypts the logits.
+operations of mode A (decrypt -> exact function in float64 -> re-encrypt) and the hiding refreshes of mode B
+(:mod:`pi_eval.refresh`: it decrypts the masked polynomial as exact integers, never decoded to slot values, and
+re-encrypts it; the flooding mask keeps the value statistically hidden), and decrypts the logits.
 """
 
 from __future__ import annotations
