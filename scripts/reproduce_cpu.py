@@ -124,7 +124,7 @@ ARMS: tuple[Arm, ...] = (
     Arm(
         "ereg",
         "ereg_sm_t_scfuffn",
-        "EReg, θ observed (default)",
+        "EReg, θ observed, λ=0.16",
         "sm_t_scfuffn",
         regularization={**EREG, "threshold_init": "observed"},
     ),
