@@ -87,7 +87,7 @@ SCALES = {
         precision="32-true",
         vocab_size=8192,
         loss_coeff=0.01,
-        loss_note="Best of 0.01/0.05/0.5 at this scale (docs/reproduction.md); none beat training without it.",
+        loss_note="Not yet measured by the seeded study (arm ereg_before);\n        # the one EReg setting measured so far made the model worse (docs/reproduction.md).",
         detect_from_step=100,
     ),
     "gpt2-small": Scale(
@@ -120,9 +120,9 @@ def render(scale: Scale, stem: str, preset: str, entropy_reg: bool, description:
         reg_block = f"""    # Adds loss_coeff * entropy_penalty to the training loss (Algorithm 1 of the paper).
     - class_path: entropic.EntropyRegularization
       init_args:
-        # lambda. With reduction "paper" the penalty is a mean over (layer, head). The authors' 1e-5 multiplied
-        # a sum over batch rows and queries (B*T = 65,536 per step for them), i.e. about 0.66 in these units.
-        # {scale.loss_note}
+        # lambda. With reduction "paper" the penalty is a mean over (layer, head) of query-averaged entropies.
+        # The authors' 1e-5 multiplied per-query penalties summed over 128 x 128-token micro-batches, i.e. about
+        # 0.16 in these units (1e-5 x 16,384). {scale.loss_note}
         loss_coeff: {scale.loss_coeff}
         tolerance: 0.2             # gamma: no penalty while |E - theta*E_max| <= gamma*E_max (paper: 0.2)
         reduction: paper           # "paper" (Algorithm 1) or "per_query" (the authors' released code)
