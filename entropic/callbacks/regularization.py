@@ -80,7 +80,10 @@ class EntropyRegularization(Callback):
     at each log step).
 
     Args:
-        loss_coeff: λ. The paper uses 1e-5 (CodeParrot) and 5e-5 (Languini).
+        loss_coeff: λ. The paper's 1e-5 (CodeParrot) and 5e-5 (Languini) multiply per-query penalties summed
+            over 128 × 128-token micro-batches, i.e. reduction ``"per_query"``; with the default ``"paper"``
+            reduction (a mean over those queries) the same gradient needs about 16,384 × that (0.16 for 1e-5).
+            What λ does to perplexity at CPU scale: docs/reproduction.md.
         tolerance: γ; deviations within γ·E_max are not penalized. Paper: 0.2.
         reduction: ``"paper"`` (Algorithm 1) or ``"per_query"`` (the authors' released code).
         context_size: T in E_max = log T. None (default): the sequence length of each training batch, i.e. the
