@@ -14,7 +14,7 @@ Modes run interleaved (one short fit per mode per round) in one process and the 
 reported, with ratios to ``plain``, both in wall time and in process CPU time (the latter is robust to other jobs
 on a shared machine when torch runs one thread). Results go to ``benchmarks/results/callback_overhead_<date>_<host>.{json,csv}``.
 
-    OMP_NUM_THREADS=1 python benchmarks/callback_overhead.py --layers 4 --heads 4 --embd 256 --seq 128 --batch 8
+    OMP_NUM_THREADS=1 python benchmarks/callback_overhead.py --layers 4 --heads 4 --embd 256 --seq 128 512 1024 --batch 8
 """
 
 from __future__ import annotations
@@ -115,13 +115,19 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--embd", type=int, default=256)
     parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--seq", type=int, nargs="+", default=[128, 512, 1024], help="one or more T, in one run")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=8, help="timed steps per mode per round")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args()
+    for seq in args.seq:
+        measure(argparse.Namespace(**{**vars(args), "seq": seq}))
+
+
+def measure(args: argparse.Namespace) -> None:
+    """All modes at one sequence length ``args.seq``; writes its JSON and CSV."""
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     warnings.filterwarnings("ignore")
