@@ -165,13 +165,7 @@ def entropy_penalty_from_model(
         ValueError: bad arguments, or thresholds whose shape does not match [L, H].
     """
     validate_penalty_args(tolerance, reduction, context_size)
-    entropies = collect_row_entropies(model)
-    if not entropies:
-        raise RuntimeError(
-            f"{type(model).__name__} recorded no attention entropies in its last forward: call "
-            "entropic.regularizer.prepare_model(model) first (it switches Hugging Face models from sdpa/eager "
-            "to the entropic attention), and compute the penalty after a forward pass."
-        )
+    entropies = recorded_entropies(model)
     return entropy_penalty_from_entropies(
         entropies,
         thresholds,
@@ -180,6 +174,18 @@ def entropy_penalty_from_model(
         reduction=reduction,
         query_mask=query_mask,
     )
+
+
+def recorded_entropies(model: nn.Module) -> list[torch.Tensor]:
+    """The row entropies of ``model``'s last forward (L of [B, H, T]); RuntimeError when it recorded none."""
+    entropies = collect_row_entropies(model)
+    if not entropies:
+        raise RuntimeError(
+            f"{type(model).__name__} recorded no attention entropies in its last forward: call "
+            "entropic.regularizer.prepare_model(model) first (it switches Hugging Face models from sdpa/eager "
+            "to the entropic attention), and compute the penalty after a forward pass."
+        )
+    return entropies
 
 
 def entropy_penalty_from_entropies(
@@ -332,12 +338,7 @@ class EntropyPenalty(nn.Module):
             step: the optimizer step, for the schedule; default: the number of earlier calls.
         """
         query_mask = None if attention_mask is None else attention_mask.to(torch.bool)
-        entropies = collect_row_entropies(model)
-        if not entropies:
-            raise RuntimeError(
-                f"{type(model).__name__} recorded no attention entropies in its last forward: call "
-                "entropic.regularizer.prepare_model(model) first, and compute the penalty after a forward pass."
-            )
+        entropies = recorded_entropies(model)
         step = self.calls if step is None else step
         self.calls += 1
         coeff = 1.0
