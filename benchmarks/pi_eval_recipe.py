@@ -10,7 +10,8 @@ and after.  The acceptance of #12: each run under 10 minutes and under 8 GB in t
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/pi_eval_recipe.py --presets SM+ScFuFFN
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/pi_eval_recipe.py --checkpoint runs/default   # a fit run dir
 
-Writes ``<out>/pi_eval_recipe_<date>-cpu.json`` and ``.md`` (atomically).  CPU-heavy: do not run it next to other
+Writes ``<out>/pi_eval_recipe_<date>-cpu.json`` and ``.md`` (atomically) after every run, ``"complete": true`` at the
+end, so a stopped benchmark keeps the runs it finished.  CPU-heavy: do not run it next to other
 jobs unless the load is what you want to measure (the load average is recorded either way).
 """
 
@@ -109,6 +110,10 @@ def markdown(result: dict) -> str:
         "max err | top-1 | load before -> after | ok |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    if not result.get("complete", True):
+        lines.insert(
+            2, "**Incomplete**: the benchmark is running or was stopped; the rows below are the runs finished.\n"
+        )
     for r in result["runs"]:
         if "online_wall_s" not in r:
             lines.append(f"| {r['label']} | {r['wall_s']:.0f} | failed (rc {r['returncode']}) | | | | | | | | | no |")
@@ -137,15 +142,6 @@ def main(argv: list[str] | None = None) -> int:
     shape = {**RECIPE, **(json.loads(args.shape) if args.shape else {})}
     jobs = [(args.checkpoint, None, args.checkpoint)] if args.checkpoint else []
     jobs += [] if args.checkpoint else [(p, p, None) for p in args.presets.split(",")]
-    runs = []
-    with tempfile.TemporaryDirectory(prefix="pi_eval_recipe_") as tmp:
-        for i, (label, preset, ckpt) in enumerate(jobs):
-            out = Path(tmp) / str(i)
-            cmd = bench_command(out, preset=preset, checkpoint=ckpt, shape=shape, params=args.params)
-            print(f"{label}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
-            row = {"label": label, **run_one(cmd, out, args.timeout_s)}
-            runs.append(row)
-            print(json.dumps(row), file=sys.stderr, flush=True)
     date = dt.date.today().isoformat()
     result = {
         "date": date,
@@ -155,13 +151,28 @@ def main(argv: list[str] | None = None) -> int:
         "params": args.params,
         "shape": shape,
         "command": "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/pi_eval_recipe.py " + " ".join(argv or sys.argv[1:]),
-        "runs": runs,
+        "complete": False,  # rewritten after every run, so a stopped benchmark keeps the runs it finished
+        "runs": [],
     }
     out = Path(args.out)
-    atomic_write_json(out / f"pi_eval_recipe_{date}-cpu.json", result)
-    atomic_write_text(out / f"pi_eval_recipe_{date}-cpu.md", markdown(result))
+
+    def write() -> None:
+        atomic_write_json(out / f"pi_eval_recipe_{date}-cpu.json", result)
+        atomic_write_text(out / f"pi_eval_recipe_{date}-cpu.md", markdown(result))
+
+    with tempfile.TemporaryDirectory(prefix="pi_eval_recipe_") as tmp:
+        for i, (label, preset, ckpt) in enumerate(jobs):
+            run_dir = Path(tmp) / str(i)
+            cmd = bench_command(run_dir, preset=preset, checkpoint=ckpt, shape=shape, params=args.params)
+            print(f"{label}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+            row = {"label": label, **run_one(cmd, run_dir, args.timeout_s)}
+            result["runs"].append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+            write()
+    result["complete"] = True
+    write()
     print(markdown(result))
-    return 0 if all(r.get("within_acceptance") for r in runs) else 1
+    return 0 if all(r.get("within_acceptance") for r in result["runs"]) else 1
 
 
 if __name__ == "__main__":

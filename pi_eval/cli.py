@@ -1,7 +1,9 @@
 """``python -m pi_eval bench|serve|psk|relay|project|plot``.
 
-* ``bench``: one encrypted inference of a preset (or checkpoint), report to DIR; with ``--connect HOST:PORT`` the
-  client alone (its share of the model only) against a ``serve`` process;
+* ``bench``: one encrypted inference of a preset (or checkpoint), report to DIR; several presets (``--preset A,B``)
+  one after the other, each report in DIR/<preset>/; ``DIR/bench.json`` is rewritten atomically after every layer
+  and architecture (:mod:`pi_eval.results`), so a stopped run leaves the finished part; with ``--connect
+  HOST:PORT`` the client alone (its share of the model only) against a ``serve`` process;
 * ``serve``: the server alone, with its own weights, one client per run (``--listen HOST:PORT``);
 * ``psk``: write a fresh pre-shared key (32 random bytes, hex) for ``serve`` and ``bench --connect``;
 * ``relay``: a user-space link emulator (rate + delay) between the two (:mod:`pi_eval.relay`);
@@ -14,6 +16,8 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import re
+import signal
 import sys
 from pathlib import Path
 
@@ -84,7 +88,51 @@ def _progress(line: str) -> None:
     print(f"pi_eval: {line}", file=sys.stderr, flush=True)
 
 
+def _architectures(args) -> list[str]:
+    """What one bench runs: each preset of ``--preset A,B,...``, or the one checkpoint / served model."""
+    if getattr(args, "connect", None) or args.checkpoint:
+        return [args.checkpoint or "served model"]
+    presets = [p.strip() for p in args.preset.split(",") if p.strip()]
+    if not presets:
+        raise ValueError("--preset names no preset")
+    return presets
+
+
+def _arch_dir(out: Path, preset: str, several: bool) -> Path:
+    """One architecture's report directory: ``out`` itself, or ``out/<preset>`` when the bench runs several."""
+    return out / re.sub(r"[^A-Za-z0-9+._-]", "_", preset) if several else out
+
+
 def bench(args, tamper=None) -> int:
+    """``bench``: one encrypted inference per architecture, each one's report written when it completes, and
+    ``DIR/bench.json`` (:mod:`pi_eval.results`) rewritten atomically as the run goes (so a stopped run leaves it)."""
+    from .results import BenchResults, stop_on_sigterm
+
+    archs = _architectures(args)
+    results = BenchResults.in_dir(args.out, archs)
+
+    def progress(line: str) -> None:
+        _progress(line)
+        results.progress(line)
+
+    several = len(archs) > 1
+    with stop_on_sigterm():
+        try:
+            for arch in archs:
+                results.start(arch)
+                one = argparse.Namespace(**{**vars(args), "preset": arch}) if several else args
+                report, summary = _bench_one(one, _arch_dir(Path(args.out), arch, several), tamper, progress)
+                results.finish(report, summary)
+                print(json.dumps(summary, indent=2), flush=True)
+        except BaseException as e:
+            results.stop(e)
+            raise
+    results.done()
+    return 0
+
+
+def _bench_one(args, out: Path, tamper, progress) -> tuple[Path, dict]:
+    """One architecture: run, report to ``out`` (report.json last), return (report path, printed summary)."""
     from .extract import torch_logits
     from .protocol import run_protocol, run_remote
     from .report import build_report, parse_profile, write_report
@@ -115,7 +163,7 @@ def bench(args, tamper=None) -> int:
             threads=args.threads,
             timeout=args.timeout,
             tamper=tamper,
-            progress=_progress,
+            progress=progress,
         )
         model = ref = None
         arch = share.info.get("architecture")
@@ -138,7 +186,7 @@ def bench(args, tamper=None) -> int:
             transport=args.transport,
             threads=args.threads,
             tamper=tamper,
-            progress=_progress,
+            progress=progress,
         )
         n_layer, d_model, vocab = len(plan.blocks), plan.d_model, plan.vocab_size
         n_head = plan.blocks[0].n_head if plan.blocks else None
@@ -171,8 +219,8 @@ def bench(args, tamper=None) -> int:
         buf = io.BytesIO()
         refs = {} if ref is None else {"reference": ref, "exact": ref if exact is None else exact}
         np.savez(buf, ids=ids, decrypted=res.logits, **refs)
-        atomic_write_bytes(Path(args.out) / "logits.npz", buf.getvalue())
-    js, _ = write_report(rep, args.out)
+        atomic_write_bytes(out / "logits.npz", buf.getvalue())
+    js, _ = write_report(rep, out)
     summary = {
         k: rep[k]
         for k in (
@@ -195,8 +243,7 @@ def bench(args, tamper=None) -> int:
         for k in ("client", "server")
     }
     summary["report"] = str(js)
-    print(json.dumps(summary, indent=2))
-    return 0
+    return js, summary
 
 
 def serve(args) -> int:
@@ -317,7 +364,9 @@ def plot(args) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pi_eval", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("bench", help="run one encrypted inference and write DIR/report.json and report.csv")
+    b = sub.add_parser(
+        "bench", help="encrypted inference per architecture: DIR/report.json and report.csv, DIR/bench.json as it goes"
+    )
     _model_args(b)
     b.add_argument("--transport", choices=["inprocess", "tcp"], default="inprocess")
     b.add_argument("--connect", default=None, metavar="HOST:PORT", help="run the client only, against `serve`")
@@ -375,7 +424,11 @@ def main(argv=None) -> int:
 
 def _model_args(b: argparse.ArgumentParser) -> None:
     """The model (a preset's random model or a checkpoint), the parameter set and the request's sequence length."""
-    b.add_argument("--preset", default="SM+LN+G")
+    b.add_argument(
+        "--preset",
+        default="SM+LN+G",
+        help="a preset's random model; bench: several comma-separated, one report each in DIR/<preset>/",
+    )
     b.add_argument(
         "--checkpoint",
         default=None,
@@ -429,6 +482,10 @@ def run(args) -> int:
     try:
         cmds = {"bench": bench, "serve": serve, "psk": psk, "relay": relay, "project": project, "plot": plot}
         return cmds[args.cmd](args)
+    except KeyboardInterrupt as e:  # SIGINT, or SIGTERM during a bench (pi_eval.results.BenchStopped)
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"pi_eval {args.cmd} stopped by {signal.Signals(signum).name}", file=sys.stderr)
+        return 128 + signum
     except Exception as e:
         print(f"pi_eval {args.cmd} failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 2

@@ -394,3 +394,46 @@ def test_damaged_message_aborts_without_partial_report(tmp_path, where):
     with pytest.raises(err, match=r"corrupted in transit|truncated"):
         bench(args, tamper=tamper)
     assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.tenseal
+def test_stopped_bench_leaves_the_finished_architectures(tmp_path):
+    """SIGTERM after the first of three architectures: bench.json is valid JSON with that one finished (its report
+    complete), the stop recorded, the rest pending; the stopped architecture has no report.json."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    out = tmp_path / "run"
+    presets = ["SM+ScFuFFN", "SM+R", "SM+LN+G"]
+    cmd = [sys.executable, "-m", "pi_eval", "bench", "--preset", ",".join(presets), "--d-model", str(D)]
+    cmd += ["--n-head", str(H), "--vocab-size", str(V), "--seq-len", str(T), "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    result = out / "bench.json"
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and proc.poll() is None:
+            if result.exists() and json.loads(result.read_text())["finished"]:  # atomic: always whole JSON
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.stderr.read()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM" in err
+    res = json.loads(result.read_text())
+    assert res["complete"] is False and res["stopped"] == "SIGTERM"
+    assert [f["architecture"] for f in res["finished"]] == presets[:1]
+    assert res["requested"] == presets and res["pending"] == presets[1 + (res["current"] is not None) :]
+    first = json.loads(Path(res["finished"][0]["report"]).read_text())
+    assert first["meta"]["architecture"] == "SM+ScFuFFN" and first["max_abs_logit_error"] < 1e-3
+    assert res["finished"][0]["summary"]["round_trips"] == first["round_trips"]
+    assert not (out / "SM+R" / "report.json").exists()
