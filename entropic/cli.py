@@ -27,6 +27,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from entropic.callbacks.run_record import RunRecord
+from entropic.callbacks.throughput import TokenThroughputMonitor
 from entropic.data import EntropicDataModule
 from entropic.env import env_flag
 from entropic.export import MODEL_DIR, export_model, export_run
@@ -71,6 +72,7 @@ class EntropicCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(RunRecord, "run_record")  # the report's source: works with any logger
+        parser.add_lightning_class_args(TokenThroughputMonitor, "throughput")  # train/device/items_per_sec = tokens/s
         # last.ckpt every 100 optimizer steps (and at the end), so a killed run resumes with --ckpt_path last.
         # With save_top_k=0 Lightning writes `last` only on this step cadence, not at validation or epoch end.
         parser.set_defaults(

@@ -7,7 +7,6 @@ Entropy tracking and regularization are not in here: recipes add :class:`entropi
 from __future__ import annotations
 
 import math
-import time
 from typing import Any
 
 import lightning.pytorch as pl
@@ -19,6 +18,17 @@ from entropic.models import EntropicConfig, EntropicForCausalLM
 # Parameters whose names contain one of these are excluded from weight decay: gains, biases, LayerNorms, and the
 # learnable scalars of the method (FFN scaling, temperatures, entropy thresholds).
 _NO_DECAY_MARKERS = ("bias", "ln_", "alpha", "beta", "temperature", "threshold")
+
+
+def _matmul_parameter_count(model: EntropicForCausalLM) -> int:
+    """Weights that multiply activations once per token: every matrix but the embedding tables, plus the LM head
+    (counted even when it is tied to the token embedding, since its product is computed)."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    count = sum(p.numel() for p in model.parameters() if p.dim() == 2 and id(p) not in embeddings)
+    head = model.get_output_embeddings()
+    if head is not None and id(head.weight) in embeddings:
+        count += head.weight.numel()
+    return count
 
 
 class EntropicLM(pl.LightningModule):
@@ -74,7 +84,8 @@ class EntropicLM(pl.LightningModule):
             **(model_overrides or {}),
         )
         self.model = EntropicForCausalLM(config)
-        self._step_started_at: float | None = None
+        self.flops_per_batch: int | None = None  # read by Lightning's ThroughputMonitor after each batch
+        self._matmul_params = _matmul_parameter_count(self.model)
 
     @property
     def context_size(self) -> int:
@@ -89,19 +100,20 @@ class EntropicLM(pl.LightningModule):
         return self.model(**batch).loss
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        self._step_started_at = time.perf_counter()
+        self.flops_per_batch = self._training_flops(tuple(batch["input_ids"].shape))
+
+    def _training_flops(self, shape: tuple[int, int]) -> int:
+        """Estimated forward + backward FLOPs of one batch of ``shape`` = [B, T] tokens (PaLM, appendix B):
+        6 per matmul weight per token, plus 12·L·d·T per token for the attention scores and their use."""
+        rows, seq = shape
+        config = self.model.config
+        per_token = 6 * self._matmul_params + 12 * config.n_layer * config.n_embd * seq
+        return per_token * rows * seq
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
         self.log("train/loss", loss, prog_bar=True)
         return loss
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self._step_started_at is None:
-            return
-        elapsed = time.perf_counter() - self._step_started_at
-        tokens = batch["input_ids"].numel() * self.trainer.world_size
-        self.log("train/tokens_per_sec", tokens / max(elapsed, 1e-9))
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)

@@ -259,6 +259,37 @@ def test_logs_keys_and_monitor_means(tmp_path):
             )
 
 
+class LoggingLM(UserLM):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.log("train/loss", loss)
+        return loss
+
+
+def test_monitor_logs_on_lightnings_steps_with_accumulation(tmp_path):
+    """The monitor's cadence (read from trainer.global_step) matches the steps Lightning logs its own metrics at,
+    never logs mid-accumulation, and each logged mean covers every batch of its window."""
+    weights, batches = initial_weights(), make_batches(8)
+    logger, monitor = MemoryLogger(), AttentionEntropyMonitor(write_figures=False)
+    trainer(tmp_path, [monitor], max_steps=4, logger=logger, log_every_n_steps=2, accumulate_grad_batches=2).fit(
+        LoggingLM(weights), loader(batches)
+    )
+    entropy_steps = [step for step, m in logger.records if "entropy/mean" in m]
+    loss_steps = [step for step, m in logger.records if "train/loss" in m]
+    assert entropy_steps == loss_steps == [1, 3]
+    assert [h["step"] for h in monitor.history] == [1, 3]
+    eager = GPT2LMHeadModel._from_config(copy.deepcopy(CONFIG), attn_implementation="eager")
+    eager.load_state_dict(weights)
+    with torch.no_grad():
+        per_batch = [
+            torch.stack([-(p * p.clamp_min(1e-30).log()).sum(-1).mean() for p in eager(**b, output_attentions=True).attentions]).mean()
+            for b in batches
+        ]  # fmt: skip
+    for window, (_, metrics) in enumerate(r for r in logger.records if "entropy/mean" in r[1]):
+        expected = torch.stack(per_batch[4 * window : 4 * window + 4]).mean()
+        assert metrics["entropy/mean"] == pytest.approx(float(expected), abs=1e-5)
+
+
 def test_resume_gives_same_thresholds_and_next_loss(tmp_path):
     weights, batches = initial_weights(), make_batches(2)
 

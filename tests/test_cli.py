@@ -46,13 +46,16 @@ def _global_step(checkpoint: Path) -> int:
 
 def test_debug_recipe_trains_and_writes_checkpoint_logs_and_report(tmp_path):
     root = tmp_path / "run"
-    result = _fit(root)
+    result = _fit(root, "--throughput.window_size=2")  # Lightning's throughput needs a full window to log
     last = root / "checkpoints" / "last.ckpt"
     assert last.is_file() and _global_step(last) == 8
     rows = read_run_metrics(root)
     keys = set().union(*(r.keys() for r in rows))
-    assert {"train/loss", "val/loss", "val/ppl", "train/entropy_penalty", "train/tokens_per_sec"} <= keys
+    assert {"train/loss", "val/loss", "val/ppl", "train/entropy_penalty", "train/device/items_per_sec"} <= keys
     assert "entropy/layer_0/head_0" in keys and "entropy/layer_1/head_1" in keys
+    throughput = [r for r in rows if r.get("train/device/items_per_sec") not in (None, "")]  # tokens/s of one rank
+    assert throughput and all(float(r["train/device/items_per_sec"]) > 0 for r in throughput)
+    assert all(float(r["train/device/flops_per_sec"]) > 0 for r in throughput)
     assert {f"entropy/bin_{k}_share" for k in range(4)} <= keys
     ppl = [float(r["val/ppl"]) for r in rows if r.get("val/ppl")]
     val = [float(r["val/loss"]) for r in rows if r.get("val/loss")]

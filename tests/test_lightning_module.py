@@ -6,6 +6,7 @@ import itertools
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from entropic.lightning_module import EntropicLM
 
@@ -49,3 +50,14 @@ def test_thresholds_and_scalars_are_not_decayed():
         "model.transformer.h.0.attn.temperature.log_temperature",
     }
     assert all(p.dim() == 2 for p in decay["params"]) and decay["weight_decay"] == pytest.approx(0.1)
+
+
+def test_flops_per_batch_is_the_palm_estimate():
+    """6 FLOPs per matmul weight per token (all projections and the tied LM head, no embedding lookups) plus
+    12·L·d·T per token for the attention scores, read by Lightning's ThroughputMonitor."""
+    module = EntropicLM("SM+LN+G", **SIZES)
+    L, d, V = SIZES["n_layer"], SIZES["n_embd"], SIZES["vocab_size"]
+    rows, seq = 3, 16
+    module.on_train_batch_start({"input_ids": torch.zeros(rows, seq, dtype=torch.long)}, 0)
+    per_token = 6 * (12 * L * d * d + V * d) + 12 * L * d * seq
+    assert module.flops_per_batch == per_token * rows * seq

@@ -125,6 +125,7 @@ class AttentionEntropyMonitor(Callback):
         self._active: dict[str, bool] = {"collapse": False, "overload": False}
         self._warned_empty = False
         self._recorder: EntropyRecorder | None = None
+        self._seen_global_step = 0  # trainer.global_step after the previous training batch
 
     # ------------------------------------------------------------------ wiring
     @override
@@ -161,9 +162,22 @@ class AttentionEntropyMonitor(Callback):
         with torch.no_grad():
             self._stats.update(entropies, query_mask_from_batch(batch))  # padded queries are left out
         self._context = max(self._context, int(entropies[0].shape[-1]))
-        accumulating = trainer.fit_loop.epoch_loop._should_accumulate()
-        if not accumulating and trainer._logger_connector.should_update_logs:
+        if self._log_cadence_reached(trainer):
             self._flush(trainer)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._seen_global_step = trainer.global_step  # restored by Lightning on resume
+
+    def _log_cadence_reached(self, trainer: pl.Trainer) -> bool:
+        """True on the batch whose optimizer step completes a multiple of ``log_every_n_steps``.
+
+        Read from ``trainer.global_step`` (public, and already advanced when ``on_train_batch_end`` runs), so
+        accumulation batches never log and several optimizers stepping in one batch count once.
+        """
+        every = trainer.log_every_n_steps
+        previous, self._seen_global_step = self._seen_global_step, trainer.global_step
+        return every > 0 and trainer.global_step // every > previous // every
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -175,7 +189,8 @@ class AttentionEntropyMonitor(Callback):
             return
         head_mean = self._stats.compute().cpu().numpy()  # [L, H]; sums and counts reduced over ranks by torchmetrics
         self._stats.reset()
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        # Lightning logs a step's training metrics at the step's 0-based index; use the same x-axis.
+        step = max(trainer.global_step - 1, 0)
         if final and self.history and self.history[-1]["step"] == step:
             return
         self.history.append({"step": int(step), "head_mean": head_mean.tolist()})
