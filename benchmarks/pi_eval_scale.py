@@ -1,7 +1,7 @@
 """pi_eval's linear layers: the dense ``mm`` baseline vs BSGS diagonal products, side by side in one run.
 
 The dense path is the **baseline**: what ``Server`` ran before issue #12 (the server now runs the BSGS path);
-``LinearWeights.matrices()`` / ``schedule.block_matrix`` stay as the dense reference for it and the tests.
+``pi_eval.dense`` (``dense_matrices``, ``block_matrix``) stays as the dense reference for it and the tests.
 
 For each shape (d, T) and layer (o_proj d->d, fc_in d->4d, fc_out 4d->d of a random one-layer model compiled by
 pi_eval's own ``compile_schedule`` on ``n8192-l2``) and each path, three subprocesses play the protocol's parties:
@@ -9,7 +9,7 @@ pi_eval's own ``compile_schedule`` on ``n8192-l2``) and each path, three subproc
 1. client (setup): secret key, the public context (dense: TenSEAL's default power-of-two Galois keys, as
    ``pi_eval.client`` made it; BSGS: only the steps the layer uses), packed and encrypted input;
 2. server: loads the public context and the ciphertexts, prepares the weights (dense: one ``ts.plain_tensor`` per
-   (input chunk, output chunk) matrix from ``LinearWeights.matrices()``, exactly as ``Server.__init__`` did;
+   (input chunk, output chunk) matrix from ``pi_eval.dense.dense_matrices``, exactly as ``Server.__init__`` did;
    BSGS: the layer's placements and rotation plan) and runs the layer on every token group (dense: ``mm`` per
    block as ``Server._linear`` did; BSGS: :class:`pi_eval.bsgs.BSGSEvaluator`), biases added with TenSEAL on both;
 3. client (finish): decrypts and compares with ``X @ W + b`` packed by pi_eval's ``pack`` (max abs error).
@@ -51,6 +51,7 @@ from hardware import cpu_model  # noqa: E402
 from entropic.io import atomic_write_json, atomic_write_text  # noqa: E402
 from pi_eval.bsgs import BSGSEvaluator, public_context  # noqa: E402
 from pi_eval.client import pack  # noqa: E402
+from pi_eval.dense import dense_matrices  # noqa: E402
 from pi_eval.diagonal import DiagonalLinear, galois_steps  # noqa: E402
 from pi_eval.params import PARAM_SETS  # noqa: E402
 from pi_eval.plan import random_plan  # noqa: E402
@@ -130,7 +131,7 @@ def server(work: Path, path: str, d: int, T: int, layer: str) -> dict:
     rec: dict = {"load_s": load_s}
     if path == "dense":
         t0 = time.perf_counter()
-        mats = {k: ts.plain_tensor(M) for k, M in lw.matrices()}  # Server.__init__
+        mats = {k: ts.plain_tensor(M) for k, M in dense_matrices(lw)}  # Server.__init__
         rec["weights_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         out = []

@@ -266,7 +266,7 @@ def serve(args) -> int:
     if args.stats_out and srv is not None:
         from entropic.io import atomic_write_text
 
-        atomic_write_text(Path(args.stats_out), json.dumps(srv.stats(), indent=2, default=float))
+        atomic_write_text(Path(args.stats_out), json.dumps(srv.stats().to_dict(), indent=2, default=float))
     print(json.dumps({"served": ok, "aborted": None if srv is None else srv.aborted}), flush=True)
     return 0 if ok else 1
 

@@ -17,14 +17,17 @@ import tenseal as ts
 from .bsgs import public_context
 from .channel import Channel, Message
 from .diagonal import schedule_galois_steps
+from .layout import Layout
 from .limits import data_limits
+from .ops import Op
 from .params import ParamSet
 from .plan import act_fn, causal_attention, layernorm
 from .rawpoly import RawCKKS
 from .refresh import ClientRefresher, MaskSpec
 from .rss import peak_rss_bytes
-from .schedule import Layout, Schedule
+from .schedule import Schedule, Step
 from .share import schedule_digests
+from .stats import ClientStepStats
 
 _POWER_OF_TWO_BYTES: dict[str, int] = {}  # per parameter set: Client.power_of_two_context_bytes, once per process
 
@@ -70,7 +73,7 @@ class Client:
         self.ctx.global_scale = 2.0**params.scale_bits
         self.keygen_s = time.perf_counter() - t0  # Galois keys are added per schedule, in public_context(steps)
         self.galois_steps: tuple[int, ...] | None = None  # the steps of the last public context built
-        self.step_stats: dict[str, dict] = {}
+        self.step_stats: dict[str, ClientStepStats] = {}
         self.refresher: ClientRefresher | None = None
         self.timing: dict[str, float] = {}  # wall time of the last run: setup (hello + context), online (input..logits)
         self.progress: Callable[[str], None] | None = None  # called with one line per layer reached (e.g. stderr)
@@ -127,8 +130,8 @@ class Client:
             self.refresher = ClientRefresher(RawCKKS(self.params, self.ctx), 2.0**self.params.scale_bits)
         return self.refresher
 
-    def _stat(self, name):
-        return self.step_stats.setdefault(name, {"client_s": 0.0, "he_s": 0.0})
+    def _stat(self, name: str) -> ClientStepStats:
+        return self.step_stats.setdefault(name, ClientStepStats())
 
     # ------------------------------------------------------------------ protocol
     def run(self, channel: Channel, sched: Schedule, ids, request: dict) -> np.ndarray:
@@ -153,8 +156,8 @@ class Client:
         rec, t0, h0 = self._stat("input"), time.perf_counter(), self.he
         x = self.wte[ids] + self.wpe[:T]
         blobs = self._enc(pack(x, first.dst_layout, sched.groups))
-        rec["client_s"] += time.perf_counter() - t0
-        rec["he_s"] += self.he - h0
+        rec.client_s += time.perf_counter() - t0
+        rec.he_s += self.he - h0
         reply = channel.exchange(Message("data", "input", {}, blobs))
         n_layer, reached = max(s.layer for s in sched.steps), -1
         while True:
@@ -170,26 +173,37 @@ class Client:
                 )
             rec, t0, h0 = self._stat(st.name), time.perf_counter(), self.he
             if reply.kind == "result":
-                vecs = self._dec(reply.blobs, st.src_layout, sched.groups)
-                logits = unpack(vecs, st.src_layout, T)
-                rec["client_s"] += time.perf_counter() - t0
-                rec["he_s"] += self.he - h0
+                if not st.spec.final:
+                    raise ValueError(f"server sent a result for step {st.name!r} of op {st.op}")
+                logits = unpack(self._dec(reply.blobs, st.src_layout, sched.groups), st.src_layout, T)
+                rec.client_s += time.perf_counter() - t0
+                rec.he_s += self.he - h0
                 self.timing["online_wall_s"] = time.perf_counter() - t_online
                 return logits
-            if st.op == "refresh":  # re-encrypt the masked polynomial exactly, never decoding it (refresh.py)
-                spec = MaskSpec(st.fn["value_bound"], st.fn["sigma"])
-                th = time.perf_counter()
-                blobs = [self._refresher().refresh(b, spec) for b in reply.blobs]
-                self.he += time.perf_counter() - th
-            elif st.op == "client":
-                X = unpack(self._dec(reply.blobs, st.src_layout, sched.groups), st.src_layout, T)
-                Y = self.apply(st.fn, X)
-                blobs = self._enc(pack(Y, st.dst_layout, sched.groups))
-            else:
-                raise ValueError(f"server asked the client for step {st.name!r} of op {st.op!r}")
-            rec["client_s"] += time.perf_counter() - t0
-            rec["he_s"] += self.he - h0
+            if not st.spec.client_replies:
+                raise ValueError(f"server asked the client for step {st.name!r} of op {st.op}")
+            blobs = self._answers[st.op](st, reply.blobs, sched.groups, T)
+            rec.client_s += time.perf_counter() - t0
+            rec.he_s += self.he - h0
             reply = channel.exchange(Message("data", st.name, {}, blobs))
+
+    @property
+    def _answers(self) -> dict:
+        """The client's reply to each op the server sends it a register for (:data:`pi_eval.ops.OPS`)."""
+        return {Op.CLIENT_AIDED: self._client_aided, Op.REFRESH: self._refresh}
+
+    def _client_aided(self, st: Step, blobs: list[bytes], groups: int, T: int) -> list[bytes]:
+        """Mode A: decrypt, the exact function, re-encrypt in the destination layout."""
+        X = unpack(self._dec(blobs, st.src_layout, groups), st.src_layout, T)
+        return self._enc(pack(self.apply(st.fn, X), st.dst_layout, groups))
+
+    def _refresh(self, st: Step, blobs: list[bytes], groups: int, T: int) -> list[bytes]:
+        """Mode B: re-encrypt the masked polynomial exactly, never decoding it (:mod:`pi_eval.refresh`)."""
+        spec = MaskSpec(st.fn["value_bound"], st.fn["sigma"])
+        th = time.perf_counter()
+        out = [self._refresher().refresh(b, spec) for b in blobs]
+        self.he += time.perf_counter() - th
+        return out
 
     @staticmethod
     def apply(fn: dict, X: np.ndarray) -> np.ndarray:

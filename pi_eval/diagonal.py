@@ -194,7 +194,7 @@ class PlacedBlock:
 def linear_blocks(lw, slots: int) -> dict[tuple[int, int], PlacedBlock]:
     """pi_eval's ``LinearWeights`` -> ``{(input chunk, output chunk): PlacedBlock}`` for every non-zero pair.
 
-    Places the weight blocks exactly where :func:`pi_eval.schedule.block_matrix` puts them (same copy choice for
+    Places the weight blocks exactly where :func:`pi_eval.dense.block_matrix` (the dense reference) puts them (same copy choice for
     compact and cyclic registers), without building the ``[lin.size, lout.size]`` matrix.
     """
     lin, lout = lw.lin, lw.lout

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 
+from .ops import Direction
 from .params import ParamSet
 from .schedule import Schedule
 
@@ -44,13 +45,11 @@ def _message_cts(sched: Schedule) -> tuple[int, int]:
     """(most ciphertexts in one uplink message, most in one downlink message)."""
     up = down = 0
     for st in sched.steps:
-        if st.op == "input":
-            up = max(up, sched.groups * st.dst_layout.chunks)
-        elif st.op in ("client", "refresh"):
-            down = max(down, sched.groups * st.src_layout.chunks)
-            up = max(up, sched.groups * st.dst_layout.chunks)
-        elif st.op == "output":
-            down = max(down, sched.groups * st.src_layout.chunks)
+        for direction, lay in st.messages():
+            if direction is Direction.UP:
+                up = max(up, sched.groups * lay.chunks)
+            else:
+                down = max(down, sched.groups * lay.chunks)
     return up, down
 
 

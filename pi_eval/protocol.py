@@ -27,6 +27,7 @@ from .schedule import Schedule, compile_schedule
 from .serve import ServeConfig, serve_spawned
 from .server import Server
 from .share import ClientShare
+from .stats import ServerStats
 
 
 @dataclass
@@ -35,7 +36,7 @@ class RunResult:
     logits: np.ndarray
     channel: Channel
     client: Client
-    server_stats: dict
+    server_stats: ServerStats  # the server's own account (from its stats reply)
     wall_s: float
     online_wall_s: float
     transport: str
@@ -78,13 +79,13 @@ def _client(
     return client
 
 
-def _run_client(client, chan, sched, ids, request) -> tuple[np.ndarray, dict, float]:
+def _run_client(client, chan, sched, ids, request) -> tuple[np.ndarray, ServerStats, float]:
     """One inference, then the server's own stats (control bucket): (logits, server stats, client wall time)."""
     t_online = time.perf_counter()
     logits = client.run(chan, sched, ids, request)
     online = time.perf_counter() - t_online
     stats = chan.exchange(Message("stats", "stats"), bucket="control").meta
-    return logits, stats, online
+    return logits, ServerStats.from_dict(stats), online
 
 
 def run_protocol(

@@ -29,14 +29,17 @@ import tenseal as ts
 from .bsgs import BSGSEvaluator
 from .channel import VERSION, ChannelError, FrameCodec, Message, error_message
 from .diagonal import BSGSPlan, DiagonalLinear, schedule_plans
+from .layout import LinearWeights
 from .limits import data_limits, setup_limit
+from .ops import Op
 from .params import ParamSet, get_param_set
 from .plan import ModelPlan
 from .rawpoly import RawCKKS
 from .refresh import MaskSpec, ServerMasker
 from .rss import peak_rss_bytes
-from .schedule import LinearWeights, Schedule, compile_schedule
+from .schedule import Schedule, Step, compile_schedule
 from .share import ScheduleMismatchError, check_digests, schedule_digests
+from .stats import ServerSetupStats, ServerStats, ServerStepStats
 
 
 class ServerSecurityError(RuntimeError):
@@ -95,11 +98,11 @@ class Server:
         self.pc = 0
         self.done = False
         self.aborted: str | None = None
-        self.step_stats: dict[str, dict] = {}
+        self.step_stats: dict[str, ServerStepStats] = {}
         self.received: list[str] = []  # kinds/labels of every frame received (for the key audit)
         self.t = _Timer()
         self.bytes_in = self.bytes_out = 0  # as seen by the server (the stats reply itself excluded)
-        self.setup_stats: dict = {}
+        self.setup_stats = ServerSetupStats()
         self._rekey: tuple[bytes, bytes] | None = None
 
     # ------------------------------------------------------------------ key audit
@@ -155,7 +158,7 @@ class Server:
                 raise ProtocolError(f"expected a hello first, got {msg.kind!r}")
             return self._hello(msg)
         if msg.kind == "stats":
-            return Message("stats", "stats", self.stats())
+            return Message("stats", "stats", self.stats().to_dict())
         if self.phase == "setup":
             if msg.kind != "setup":
                 raise ProtocolError(f"expected the public context (setup), got {msg.kind!r}")
@@ -200,8 +203,8 @@ class Server:
         self.weights = dict(sched.server_weights)
         self.plans = schedule_plans(sched)
         self.galois_steps = tuple(sorted({s for p in self.plans.values() for s in p.galois_steps()}))
-        self.setup_stats["plan_s"] = time.perf_counter() - t0
-        self.setup_stats["galois_steps"] = list(self.galois_steps)
+        self.setup_stats.plan_s = time.perf_counter() - t0
+        self.setup_stats.galois_steps = list(self.galois_steps)
         nonce_s = secrets.token_bytes(32)
         self._rekey = (bytes.fromhex(nonce), nonce_s)
         self.phase = "setup"
@@ -233,18 +236,16 @@ class Server:
             )
         self.ctx, self.bsgs = ctx, bsgs
         assert not self.holds_secret_key()
-        if any(st.op == "refresh" for st in self.sched.steps):
+        if any(st.op is Op.REFRESH for st in self.sched.steps):
             raw = self.t.he_call(RawCKKS, self.params, ctx)
             self.masker = ServerMasker(raw, 2.0**self.params.scale_bits)
-        self.setup_stats["context_load_s"] = time.perf_counter() - t0
+        self.setup_stats.context_load_s = time.perf_counter() - t0
         self.phase = "online"
         self.codec.recv_limit, self.codec.phase = data_limits(self.sched)[0], "a data frame"
         return Message("setup_ack", "setup", {"server_has_secret_key": self.holds_secret_key()})
 
-    def _stat(self, name: str) -> dict:
-        return self.step_stats.setdefault(
-            name, {"server_s": 0.0, "he_s": 0.0, "rotations": 0, "plaintext_products": 0, "encode_s": 0.0}
-        )
+    def _stat(self, name: str) -> ServerStepStats:
+        return self.step_stats.setdefault(name, ServerStepStats())
 
     def _load(self, st, blobs: list[bytes], layout) -> list[list]:
         per = layout.chunks
@@ -268,64 +269,64 @@ class Server:
         return out
 
     def _on_data(self, msg: Message) -> Message:
-        steps = self.sched.steps
+        """The client's reply to the current step (its destination register), then the server's steps up to the next
+        message to the client."""
         if self.done:
             raise ProtocolError("the inference is complete; only a stats request is allowed")
-        st = steps[self.pc]
+        st = self.sched.steps[self.pc]
         if msg.label != st.name:
             raise ProtocolError(f"out-of-order message: got {msg.label!r}, expected {st.name!r}")
+        if not st.spec.client_replies:
+            raise ProtocolError(f"{st.name}: the client sends nothing for a step of op {st.op}")
         t0, h0 = time.perf_counter(), self.t.he
         rec = self._stat(st.name)
         blobs = msg.blobs
-        if st.op == "refresh":  # remove the mask from the client's fresh ciphertexts
-            if len(blobs) != self.sched.groups * st.dst_layout.chunks:
-                raise ProtocolError(
-                    f"{st.name}: expected {self.sched.groups * st.dst_layout.chunks} ciphertexts, got {len(blobs)}"
-                )
+        expect = self.sched.groups * st.dst_layout.chunks
+        if st.op is Op.REFRESH:  # remove the mask from the client's fresh ciphertexts
+            if len(blobs) != expect:
+                raise ProtocolError(f"{st.name}: expected {expect} ciphertexts, got {len(blobs)}")
             try:
                 blobs = self.t.he_call(self.masker.unmask, st.name, blobs)
             except Exception as e:
                 raise BadPayloadError(f"{st.name}: refreshed ciphertexts rejected ({type(e).__name__}: {e})") from None
         self.regs[st.dst] = self._load(st, blobs, st.dst_layout)
-        rec["server_s"] += time.perf_counter() - t0
-        rec["he_s"] += self.t.he - h0
+        rec.server_s += time.perf_counter() - t0
+        rec.he_s += self.t.he - h0
         self.pc += 1
         return self._run_until_client()
 
     def _run_until_client(self) -> Message:
-        steps = self.sched.steps
+        """Runs the server's own steps (:attr:`pi_eval.ops.OpSpec.server_computes`) until a step sends a register
+        to the client: its ciphertexts (masked first for a refresh), or the logits as the result."""
+        computes = {Op.LINEAR: self._linear, Op.POLYNOMIAL: self._polynomial, Op.SKIP: lambda st, rec: None}
         while True:
-            st = steps[self.pc]
+            st = self.sched.steps[self.pc]
             t0, h0 = time.perf_counter(), self.t.he
             rec = self._stat(st.name)
-            if st.op == "linear":
-                self._linear(st, rec)
-            elif st.op == "poly":
-                self.regs[st.dst] = [
-                    [self.t.he_call(ct.polyval, st.fn["coeffs"]) for ct in grp] for grp in self.regs[st.src]
-                ]
-            elif st.op == "skip":
-                pass
-            elif st.op in ("client", "refresh", "output"):
-                src = self.regs[st.src]
-                blobs = [self.t.he_call(ct.serialize) for grp in src for ct in grp]
-                if st.op == "refresh":  # every coefficient masked, see pi_eval/refresh.py
-                    spec = MaskSpec(st.fn["value_bound"], st.fn["sigma"])
-                    blobs = self.t.he_call(self.masker.mask, st.name, blobs, spec)
-                rec["server_s"] += time.perf_counter() - t0
-                rec["he_s"] += self.t.he - h0
-                if st.op == "output":
-                    self.done = True
-                    self.phase = "done"
-                    return Message("result", st.name, {}, blobs)
-                return Message("data", st.name, {}, blobs)
-            else:
-                raise ValueError(f"unknown step op {st.op!r}")
-            rec["server_s"] += time.perf_counter() - t0
-            rec["he_s"] += self.t.he - h0
-            self.pc += 1
+            if st.spec.server_computes:
+                computes[st.op](st, rec)
+                rec.server_s += time.perf_counter() - t0
+                rec.he_s += self.t.he - h0
+                self.pc += 1
+                continue
+            if not st.spec.sends_down:
+                raise ProtocolError(f"{st.name}: step of op {st.op} reached on the server")
+            blobs = [self.t.he_call(ct.serialize) for grp in self.regs[st.src] for ct in grp]
+            if st.op is Op.REFRESH:  # every coefficient masked, see pi_eval/refresh.py
+                spec = MaskSpec(st.fn["value_bound"], st.fn["sigma"])
+                blobs = self.t.he_call(self.masker.mask, st.name, blobs, spec)
+            rec.server_s += time.perf_counter() - t0
+            rec.he_s += self.t.he - h0
+            if st.spec.final:
+                self.done = True
+                self.phase = "done"
+                return Message("result", st.name, {}, blobs)
+            return Message("data", st.name, {}, blobs)
 
-    def _linear(self, st, rec):
+    def _polynomial(self, st: Step, rec: ServerStepStats) -> None:
+        self.regs[st.dst] = [[self.t.he_call(ct.polyval, st.fn["coeffs"]) for ct in grp] for grp in self.regs[st.src]]
+
+    def _linear(self, st: Step, rec: ServerStepStats) -> None:
         """One linear layer for every token group: BSGS product, then bias and residual (TenSEAL additions).
 
         The layer's diagonals are built from the numpy weights and encoded here, per output chunk, and freed
@@ -336,9 +337,9 @@ class Server:
         before = dict(self.bsgs.stats)
         out = self.t.he_call(self.bsgs.apply_vectors, layer, self.regs[st.src])
         after = self.bsgs.stats
-        rec["rotations"] += int(after["rotations"] - before.get("rotations", 0))
-        rec["plaintext_products"] += int(after["multiplies"] - before.get("multiplies", 0))
-        rec["encode_s"] += after["encode_s"] - before.get("encode_s", 0.0)
+        rec.rotations += int(after["rotations"] - before.get("rotations", 0))
+        rec.plaintext_products += int(after["multiplies"] - before.get("multiplies", 0))
+        rec.encode_s += after["encode_s"] - before.get("encode_s", 0.0)
         biases = [b.tolist() for b in lw.biases()]
         res = self.regs[st.residual] if st.residual else None
         for j, row in enumerate(out):
@@ -349,17 +350,17 @@ class Server:
                 row[co] = acc
         self.regs[st.dst] = out
 
-    def stats(self) -> dict:
-        return {
-            "steps": self.step_stats,
-            "he_s": self.t.he,
-            "setup": self.setup_stats,
-            "holds_secret_key": self.holds_secret_key(),
-            "context_is_private": bool(self.ctx.is_private()) if self.ctx is not None else None,
-            "received": self.received,
-            "bytes_in": self.bytes_in,
-            "bytes_out": self.bytes_out,
-            "aborted": self.aborted,
-            "authenticated": self.codec.authenticated,
-            "peak_rss_bytes": peak_rss_bytes(),  # this process's (shared with the client when in-process)
-        }
+    def stats(self) -> ServerStats:
+        return ServerStats(
+            steps=self.step_stats,
+            he_s=self.t.he,
+            setup=self.setup_stats,
+            holds_secret_key=self.holds_secret_key(),
+            context_is_private=bool(self.ctx.is_private()) if self.ctx is not None else None,
+            received=self.received,
+            bytes_in=self.bytes_in,
+            bytes_out=self.bytes_out,
+            aborted=self.aborted,
+            authenticated=self.codec.authenticated,
+            peak_rss_bytes=peak_rss_bytes(),
+        )

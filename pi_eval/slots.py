@@ -18,7 +18,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .schedule import Layout, Schedule, Step
+from .layout import Layout
+from .ops import Direction, Op
+from .schedule import Schedule, Step
 
 TARGET = 0.75
 
@@ -48,23 +50,15 @@ def _reg(lay: Layout, seq_len: int, groups: int) -> tuple[int, int]:
     return seq_len * lay.dim, groups * lay.chunks
 
 
-def step_messages(st: Step, seq_len: int, groups: int) -> list[tuple[str, int, int]]:
-    """(direction, payload, ciphertexts) of every message this step causes."""
-    if st.op == "input":
-        return [("up", *_reg(st.dst_layout, seq_len, groups))]
-    if st.op == "client":
-        return [("down", *_reg(st.src_layout, seq_len, groups)), ("up", *_reg(st.dst_layout, seq_len, groups))]
-    if st.op == "refresh":
-        return [("down", *_reg(st.src_layout, seq_len, groups)), ("up", *_reg(st.src_layout, seq_len, groups))]
-    if st.op == "output":
-        return [("down", *_reg(st.src_layout, seq_len, groups))]
-    return []
+def step_messages(st: Step, seq_len: int, groups: int) -> list[tuple[Direction, int, int]]:
+    """(direction, payload, ciphertexts) of every message this step causes (:meth:`Step.messages`)."""
+    return [(direction, *_reg(lay, seq_len, groups)) for direction, lay in st.messages()]
 
 
 def step_count(st: Step, sched: Schedule) -> SlotCount | None:
     """Sent ciphertexts of a message step, or the ``mm`` input ciphertexts of a linear step; None otherwise."""
     slots, c = sched.params.slots, SlotCount()
-    if st.op == "linear":
+    if st.op is Op.LINEAR:
         c.add(*_reg(st.src_layout, sched.seq_len, sched.groups), slots)
         return c
     msgs = step_messages(st, sched.seq_len, sched.groups)
@@ -81,7 +75,7 @@ def run_slot_use(sched: Schedule) -> dict:
         c = step_count(st, sched)
         if c is None:
             continue
-        tot = mm if st.op == "linear" else sent
+        tot = mm if st.op is Op.LINEAR else sent
         tot.payload, tot.cts, tot.min_cts = tot.payload + c.payload, tot.cts + c.cts, tot.min_cts + c.min_cts
         tot.largest = max(tot.largest, c.largest)
     out = {

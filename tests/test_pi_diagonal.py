@@ -8,10 +8,12 @@ import tenseal as ts
 
 from pi_eval.bsgs import BSGSEvaluator, galois_element, public_context
 from pi_eval.client import pack
+from pi_eval.dense import dense_matrices
 from pi_eval.diagonal import BSGSPlan, DiagonalLinear, Diagonals, galois_steps, linear_blocks, signed_step
+from pi_eval.layout import Layout, LinearWeights
 from pi_eval.params import PARAM_SETS
 from pi_eval.plan import random_plan
-from pi_eval.schedule import Layout, LinearWeights, compile_schedule
+from pi_eval.schedule import compile_schedule
 from pi_eval.sealio import ckks_vector, read_varint, seal_ciphertext, seal_to_vector, varint, vector_to_seal
 
 PARAMS = PARAM_SETS["n8192-l2"]
@@ -38,7 +40,7 @@ def test_placements_are_exactly_pi_evals_block_matrices(d, T, kw, names):
         if names is not None and name not in names:
             continue
         blocks = linear_blocks(lw, SLOTS)
-        dense = dict(lw.matrices())
+        dense = dict(dense_matrices(lw))
         assert set(blocks) == set(dense), name
         for key, blk in blocks.items():
             np.testing.assert_array_equal(blk.diagonals().to_dense(), dense[key], err_msg=f"{name} {key}")
@@ -53,7 +55,7 @@ def test_placements_on_a_cyclic_register_with_copies():
     W = np.random.default_rng(3).normal(size=(128, 32))
     lw = LinearWeights(W, None, lin, lout, q_valid=5, valid_in=2)
     blocks = linear_blocks(lw, SLOTS)
-    dense = dict(lw.matrices())
+    dense = dict(dense_matrices(lw))
     assert set(blocks) == set(dense) == {(0, 0)}
     np.testing.assert_array_equal(blocks[(0, 0)].diagonals().to_dense(), dense[(0, 0)])
     rows = {p.row0 // lin.n_c for p in blocks[(0, 0)].placements}
@@ -220,7 +222,7 @@ def test_chained_layers_are_a_drop_in_for_mm(secret_ctx, default_ctx):
     err = max_err(decrypt(secret_ctx, y), expected(Z @ lw_out.W + lw_out.b, lw_out.lout, 1, lw_out.q_valid))
     assert err < 1e-5  # measured ~3e-7 after two levels
     # TenSEAL's dense mm on the same ciphertext gives the same values where the declared output lives
-    dense = {k: ts.plain_tensor(M) for k, M in lw_in.matrices()}
+    dense = {k: ts.plain_tensor(M) for k, M in dense_matrices(lw_in)}
     ref = ts.ckks_vector_from(default_ctx, x[0][0].serialize()).mm(dense[(0, 0)]).decrypt()
     mine = ts.ckks_vector_from(secret_ctx, evaluator.apply_vectors(layers[0], x)[0][0].serialize()).decrypt()
     assert len(ref) == len(mine) == lw_in.lout.size

@@ -76,7 +76,7 @@ def test_public_context_carries_only_the_schedules_galois_keys(runs):
     for preset in PRESETS:
         _, _, res, _, rep = runs[preset]
         setup = rep["setup"]
-        assert setup["galois_steps"] == list(res.client.galois_steps) == res.server_stats["setup"]["galois_steps"]
+        assert setup["galois_steps"] == list(res.client.galois_steps) == res.server_stats.setup.galois_steps
         assert 1 <= setup["galois_keys"] <= 8
         # TenSEAL's default set (24 power-of-two keys at N=8192, 35 MB) against this run's few keys
         assert rep["setup_bytes"] < 0.3 * setup["power_of_two_context_bytes"]
@@ -326,13 +326,13 @@ def test_tcp_transport_same_counts_and_public_context_only(runs):
     # (the stats snapshot is taken while the stats reply is being built, so that reply is not in bytes_out)
     for r in (res, res_in):
         c, seen = r.channel, r.server_stats
-        assert seen["bytes_in"] == c.totals()["bytes_up"] + c.setup.bytes_up + c.control.bytes_up
-        assert seen["bytes_out"] == c.totals()["bytes_down"] + c.setup.bytes_down
+        assert seen.bytes_in == c.totals()["bytes_up"] + c.setup.bytes_up + c.control.bytes_up
+        assert seen.bytes_out == c.totals()["bytes_down"] + c.setup.bytes_down
     assert rep["max_abs_logit_error"] < 1e-3
     st = res.server_stats  # reported by the server process itself
-    assert st["holds_secret_key"] is False and st["context_is_private"] is False
-    assert st["received"][:2] == ["hello:hello", "setup:setup"] and st["authenticated"] is True
-    assert all(x.startswith("data:") or x == "stats:stats" for x in st["received"][2:])
+    assert st.holds_secret_key is False and st.context_is_private is False
+    assert st.received[:2] == ["hello:hello", "setup:setup"] and st.authenticated is True
+    assert all(x.startswith("data:") or x == "stats:stats" for x in st.received[2:])
 
 
 @pytest.mark.tenseal

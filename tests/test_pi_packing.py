@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from pi_eval.client import Client, pack, unpack
+from pi_eval.dense import dense_matrices
 from pi_eval.extract import build_model, plan_from_model
+from pi_eval.ops import Op
 from pi_eval.params import get_param_set
 from pi_eval.schedule import compile_schedule, poly_act_override
 from pi_eval.slots import TARGET, run_slot_use
@@ -35,7 +37,11 @@ def sim_mm(ct: np.ndarray, n_in: int, M: np.ndarray) -> np.ndarray:
 
 
 def simulate(sched, plan, ids) -> np.ndarray:
-    """Run a schedule with slot vectors in place of ciphertexts; returns the logits the client would decrypt."""
+    """Run a schedule with slot vectors in place of ciphertexts; returns the logits the client would decrypt.
+
+    Steps are read through :data:`pi_eval.ops.OPS` as the parties read them: the server's own ops, the ops the client
+    answers (with the register the step sends down, if any), and the final one whose register is the result.
+    """
     slots, T, groups = sched.params.slots, len(ids), sched.groups
     regs: dict[str, list[list[np.ndarray]]] = {}
 
@@ -43,34 +49,44 @@ def simulate(sched, plan, ids) -> np.ndarray:
         return [[fresh(v, slots) for v in grp] for grp in vecs]
 
     def dec(reg, lay):  # decrypt returns the declared size
-        return [[v[: lay.size] for v in grp] for grp in regs[reg]]
+        return unpack([[v[: lay.size] for v in grp] for grp in regs[reg]], lay, T)
 
+    def linear(st):
+        lw = sched.server_weights[st.name]
+        mats, biases = dict(dense_matrices(lw)), lw.biases()
+        out = []
+        for j, grp in enumerate(regs[st.src]):
+            row = []
+            for co in range(lw.lout.chunks):
+                acc = sum(sim_mm(ct, lw.lin.size, mats[(ci, co)]) for ci, ct in enumerate(grp) if (ci, co) in mats)
+                acc = acc + fresh(biases[co], slots)
+                if st.residual:
+                    acc = acc + regs[st.residual][j][co]
+                row.append(acc)
+            out.append(row)
+        regs[st.dst] = out
+
+    def polynomial(st):
+        regs[st.dst] = [[np.polynomial.polynomial.polyval(v, st.fn["coeffs"]) for v in g] for g in regs[st.src]]
+
+    def embed(st):
+        regs[st.dst] = enc(pack(plan.embed(ids), st.dst_layout, groups))
+
+    def client_aided(st):
+        regs[st.dst] = enc(pack(Client.apply(st.fn, dec(st.src, st.src_layout)), st.dst_layout, groups))
+
+    def refresh(st):  # the hiding refresh returns the same polynomial: every slot unchanged, no re-tiling
+        regs[st.dst] = [list(grp) for grp in regs[st.src]]
+
+    server = {Op.LINEAR: linear, Op.POLYNOMIAL: polynomial, Op.SKIP: lambda st: None}
+    client = {Op.INPUT: embed, Op.CLIENT_AIDED: client_aided, Op.REFRESH: refresh}
     for st in sched.steps:
-        if st.op == "input":
-            regs["x"] = enc(pack(plan.embed(ids), st.dst_layout, groups))
-        elif st.op == "linear":
-            lw = sched.server_weights[st.name]
-            mats, biases = dict(lw.matrices()), lw.biases()
-            out = []
-            for j, grp in enumerate(regs[st.src]):
-                row = []
-                for co in range(lw.lout.chunks):
-                    acc = sum(sim_mm(ct, lw.lin.size, mats[(ci, co)]) for ci, ct in enumerate(grp) if (ci, co) in mats)
-                    acc = acc + fresh(biases[co], slots)
-                    if st.residual:
-                        acc = acc + regs[st.residual][j][co]
-                    row.append(acc)
-                out.append(row)
-            regs[st.dst] = out
-        elif st.op == "client":
-            X = unpack(dec(st.src, st.src_layout), st.src_layout, T)
-            regs[st.dst] = enc(pack(Client.apply(st.fn, X), st.dst_layout, groups))
-        elif st.op == "refresh":  # the hiding refresh returns the same polynomial: every slot unchanged, no re-tiling
-            regs[st.dst] = [list(grp) for grp in regs[st.src]]
-        elif st.op == "poly":
-            regs[st.dst] = [[np.polynomial.polynomial.polyval(v, st.fn["coeffs"]) for v in g] for g in regs[st.src]]
-        elif st.op == "output":
-            return unpack(dec(st.src, st.src_layout), st.src_layout, T)
+        if st.spec.server_computes:
+            server[st.op](st)
+        elif st.spec.final:
+            return dec(st.src, st.src_layout)
+        else:
+            client[st.op](st)
     raise AssertionError("schedule has no output step")
 
 
