@@ -186,12 +186,27 @@ class BSGSEvaluator:
         out.scale = ct.scale * (1 << k)
         return out
 
-    def apply(self, layer: DiagonalLinear, groups: Sequence[Sequence]) -> list[list]:
+    def drop_to_level(self, ct, level: int):
+        """``ct`` mod-switched down to ``level`` (primes dropped: the same values and scale, cheaper products); ``ct``
+        itself when it is at or below ``level``."""
+        target = self.seal.get_context_data(ct.parms_id())
+        if target.chain_index() <= level:
+            return ct
+        while target.chain_index() > level:
+            target = target.next_context_data()
+        out = sa.Ciphertext()
+        self.evaluator.mod_switch_to(ct, target.parms_id(), out)
+        return out
+
+    def apply(self, layer: DiagonalLinear, groups: Sequence[Sequence], level: int | None = None) -> list[list]:
         """``groups[g][ci]`` input ciphertexts -> ``out[g][co]``: one level lower, same scale, zeros past ``n_out``.
 
+        ``level``: compute at this level (inputs above it are mod-switched down first; the output is one below).
         Plaintexts are encoded once per output chunk for all token groups and dropped afterwards, so a layer's
         encoded weights never all exist at once.  Inputs are lifted by ``2^lift_bits`` before the baby steps.
         """
+        if level is not None:
+            groups = [[self.drop_to_level(ct, level) for ct in grp] for grp in groups]
         pid, scale, q_last = self._check(layer, groups)
         t0 = time.perf_counter()
         enc0 = self.stats["encode_s"]
@@ -229,8 +244,10 @@ class BSGSEvaluator:
         self.stats["product_s"] += time.perf_counter() - t0 - (self.stats["encode_s"] - enc0)
         return out
 
-    def apply_vectors(self, layer: DiagonalLinear, groups: Sequence[Sequence[ts.CKKSVector]]) -> list[list]:
+    def apply_vectors(
+        self, layer: DiagonalLinear, groups: Sequence[Sequence[ts.CKKSVector]], level: int | None = None
+    ) -> list[list]:
         """Same as :meth:`apply` on TenSEAL vectors; returns ``CKKSVector`` s of each output chunk's declared size."""
         cts = [[seal_ciphertext(v) for v in grp] for grp in groups]
-        res = self.apply(layer, cts)
+        res = self.apply(layer, cts, level)
         return [[ckks_vector(self.context, ct, layer.n_out[co]) for co, ct in enumerate(row)] for row in res]

@@ -321,7 +321,7 @@ class ScheduleBuilder:
             self._layernorm("ln_f", head, plan.ln_f, self._copies_needed(1, head_cp))
             W = plan.ln_f.gamma[:, None] * plan.w_head
             b = plan.ln_f.beta @ plan.w_head + (plan.b_head if plan.b_head is not None else 0)
-            self._linear("lm_head", head, "h", "logits", W, b, out_cp=head_cp, to_client=True)
+            self._linear("lm_head", head, "h", "logits", W, b, out_cp=head_cp, to_client=True, at_lowest_level=True)
         else:
             x = self.regs["x"].layout
             fits = [
@@ -330,7 +330,8 @@ class ScheduleBuilder:
                 if x.cyclic or self._copies_needed(1, c) <= x.copies
             ]
             head_cp = max(fits or [1])
-            self._linear("lm_head", head, "x", "logits", s * plan.w_head, plan.b_head, out_cp=head_cp, to_client=True)
+            W, b = s * plan.w_head, plan.b_head
+            self._linear("lm_head", head, "x", "logits", W, b, out_cp=head_cp, to_client=True, at_lowest_level=True)
 
     def output(self) -> None:
         logits = self.regs["logits"]
@@ -440,10 +441,13 @@ class ScheduleBuilder:
         out_cp: int | None = None,
         out_layout: Layout | None = None,
         to_client: bool = False,
+        at_lowest_level: bool = False,
     ) -> None:
         """A server linear ``dst = src @ W + b (+ residual)``; the output takes the residual's layout, or
         ``out_layout``, or a new one with ``out_cp`` pieces per chunk.  ``to_client``: the output goes to the client
-        (it may use the lowest levels)."""
+        (it may use the lowest levels); ``at_lowest_level``: it is only decrypted (the logits), so the server
+        computes it at level 1 (input mod-switched down) and it arrives at level 0: fewer primes in every plaintext,
+        product, rotation and downloaded ciphertext."""
         lin0 = self.regs[src].layout
         lout = self.regs[residual].layout if residual is not None else (out_layout or self._layout(W.shape[1], out_cp))
         need_copies = 1 if lin0.cyclic else self._copies_needed(lin0.cp, lout.cp)
@@ -452,7 +456,7 @@ class ScheduleBuilder:
         lin = source.layout
         q_valid = valid_out_copies(lin, lout.cp, lout.copies, source.valid_copies)
         self.weights[name] = LinearWeights(np.asarray(W, np.float64), b, lin, lout, q_valid, source.valid_copies)
-        level, consumed = source.level - 1, source.consumed + 1
+        level, consumed = (0 if at_lowest_level else source.level - 1), source.consumed + 1
         if residual is not None:
             res = self.regs[residual]
             level, consumed = min(level, res.level), max(consumed, res.consumed)

@@ -335,7 +335,9 @@ class Server:
         lw = self.weights[st.name]
         layer = DiagonalLinear.from_linear_weights(lw, self.params.slots, name=st.name, plan=self.plans[st.name])
         before = dict(self.bsgs.stats)
-        out = self.t.he_call(self.bsgs.apply_vectors, layer, self.regs[st.src])
+        # at the level the output needs (a head read only by the client, or a residual lower than the input, is
+        # computed with fewer primes: same values, cheaper plaintexts, products and rotations)
+        out = self.t.he_call(self.bsgs.apply_vectors, layer, self.regs[st.src], st.level_out + 1)
         after = self.bsgs.stats
         rec.rotations += int(after["rotations"] - before.get("rotations", 0))
         rec.plaintext_products += int(after["multiplies"] - before.get("multiplies", 0))

@@ -100,6 +100,21 @@ def test_report_bytes_equal_channel_bytes(request, shape, preset):
 
 
 @pytest.mark.tenseal
+@pytest.mark.parametrize("preset", PRESETS)
+def test_lm_head_runs_at_the_lowest_level(runs32, preset):
+    """The logits are only decrypted: the head is computed at level 1 and sent at level 0 (one prime), so each of
+    its ciphertexts is smaller than a mode-A download at level 1 (two primes)."""
+    _, _, res, _, rep = runs32[preset]
+    head = next(st for st in res.schedule.steps if st.name == "lm_head")
+    assert head.level_out == 0 and head.level_in >= 1
+    rows = {r["name"]: r for r in rep["operations"]}
+    attn = rows["L0.attn"]  # qkv arrives at level 1 on n8192-l2
+    per_ct = rows["logits"]["bytes_down"] / rows["logits"]["cts_down"]
+    assert per_ct < 0.7 * attn["bytes_down"] / attn["cts_down"]
+    assert rep["max_abs_logit_error"] < 1e-3
+
+
+@pytest.mark.tenseal
 def test_server_never_holds_secret_key(runs):
     for _, _, res, _, rep in runs.values():
         assert res.server is not None and not res.server.holds_secret_key()
