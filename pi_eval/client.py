@@ -180,16 +180,18 @@ class Client:
                 rec.he_s += self.he - h0
                 self.timing["online_wall_s"] = time.perf_counter() - t_online
                 return logits
-            if not st.spec.client_replies:
+            answer = self._answers.get(st.op) if st.spec.sends_down else None
+            if answer is None:
                 raise ValueError(f"server asked the client for step {st.name!r} of op {st.op}")
-            blobs = self._answers[st.op](st, reply.blobs, sched.groups, T)
+            blobs = answer(st, reply.blobs, sched.groups, T)
             rec.client_s += time.perf_counter() - t0
             rec.he_s += self.he - h0
             reply = channel.exchange(Message("data", st.name, {}, blobs))
 
     @property
-    def _answers(self) -> dict:
-        """The client's reply to each op the server sends it a register for (:data:`pi_eval.ops.OPS`)."""
+    def _answers(self) -> dict[Op, Callable[[Step, list[bytes], int, int], list[bytes]]]:
+        """The client's reply to each op whose register the server sends down and answers (:data:`pi_eval.ops.OPS`:
+        ``sends_down`` and ``client_replies``)."""
         return {Op.CLIENT_AIDED: self._client_aided, Op.REFRESH: self._refresh}
 
     def _client_aided(self, st: Step, blobs: list[bytes], groups: int, T: int) -> list[bytes]:

@@ -68,11 +68,6 @@ class OpSpec:
     client_replies: bool = False
     final: bool = False  # the source register is the result the client decrypts
 
-    @property
-    def round_trip(self) -> bool:
-        """A server -> client -> server exchange (mode A or B)."""
-        return self.sends_down and self.client_replies
-
 
 OPS: dict[Op, OpSpec] = {
     Op.INPUT: OpSpec("client encrypts the embedded tokens into the destination register", client_replies=True),
