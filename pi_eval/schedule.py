@@ -263,27 +263,17 @@ class ScheduleBuilder:
 
     def ffn(self, i: int, blk: Block) -> None:
         """``x = beta * x + FFN(LN2(x)) / alpha``; the stream scale becomes ``beta * s`` (folded into the weights)."""
-        s = self.stream_scale
-        s_new = blk.beta * s
+        s_new = blk.beta * self.stream_scale
         k_out = 1.0 / (blk.alpha * s_new)  # what the FFN's output weights are multiplied by
-        z_layout, z_on_server = self._ffn_hidden_layout(blk) if blk.ffn == "mlp" else (None, False)
         if blk.ffn == "mlp":
+            z_layout, z_on_server = self._ffn_hidden_layout(blk)
             fc_in_copies = z_layout.copies if (z_on_server and not z_layout.cyclic) else 1
-            h_copies = self._copies_needed(1, z_layout.cp, fc_in_copies)
+            src, W_in, ln_beta = self._ffn_input(i, blk, self._copies_needed(1, z_layout.cp, fc_in_copies))
+            self._mlp(i, blk, src, W_in, ln_beta, k_out, z_layout, z_on_server)
         else:
-            h_copies = self._copies_needed(1, 1, self.regs["x"].layout.copies)
-        if blk.ln2 is not None:
-            self._layernorm(f"L{i}.ln2", i, blk.ln2, h_copies)
-            src, W_in, ln_beta = "h", blk.ln2.gamma[:, None] * blk.w_in if blk.ffn != "none" else None, blk.ln2.beta
-        else:
-            src, W_in, ln_beta = "x", s * blk.w_in if blk.ffn != "none" else None, None
-        if blk.ffn == "fused":
-            self._fused_ffn(i, blk, src, W_in, ln_beta, k_out)
-        elif blk.ffn == "mlp":
-            b_in = (ln_beta @ blk.w_in if ln_beta is not None else 0) + blk.b_in
-            self._linear(f"L{i}.fc_in", i, src, "z", W_in, b_in, out_layout=z_layout, to_client=not z_on_server)
-            self.activation(i, blk)
-            self._linear(f"L{i}.fc_out", i, "z", "x", blk.w_out * k_out, blk.b_out * k_out, residual="x")
+            src, W_in, ln_beta = self._ffn_input(i, blk, self._copies_needed(1, 1, self.regs["x"].layout.copies))
+            if blk.ffn == "fused":
+                self._fused_ffn(i, blk, src, W_in, ln_beta, k_out)
         self.stream_scale = s_new
 
     def activation(self, i: int, blk: Block) -> None:
@@ -356,6 +346,31 @@ class ScheduleBuilder:
         d_ff = blk.w_in.shape[1]
         copies = self._copies_needed(self._pieces_per_chunk(d_ff), 1, self.regs["x"].layout.copies) if on_server else 1
         return self._layout(d_ff, None, copies, "z"), on_server
+
+    def _ffn_input(self, i: int, blk: Block, copies: int) -> tuple[str, np.ndarray | None, np.ndarray | None]:
+        """(register the FFN reads, its first weight with what is folded into it, LN2's beta for the bias): LN2(x) from
+        the client in ``h`` with ``copies`` copies (gamma folded), or the stream x itself (held as x / s: s folded)."""
+        if blk.ln2 is not None:
+            self._layernorm(f"L{i}.ln2", i, blk.ln2, copies)
+            return "h", (blk.ln2.gamma[:, None] * blk.w_in if blk.ffn != "none" else None), blk.ln2.beta
+        return "x", (self.stream_scale * blk.w_in if blk.ffn != "none" else None), None
+
+    def _mlp(
+        self,
+        i: int,
+        blk: Block,
+        src: str,
+        W_in: np.ndarray,
+        ln_beta: np.ndarray | None,
+        k_out: float,
+        z_layout: Layout,
+        z_on_server: bool,
+    ) -> None:
+        """fc_in -> activation -> fc_out, the residual added by fc_out."""
+        b_in = (ln_beta @ blk.w_in if ln_beta is not None else 0) + blk.b_in
+        self._linear(f"L{i}.fc_in", i, src, "z", W_in, b_in, out_layout=z_layout, to_client=not z_on_server)
+        self.activation(i, blk)
+        self._linear(f"L{i}.fc_out", i, "z", "x", blk.w_out * k_out, blk.b_out * k_out, residual="x")
 
     def _fused_ffn(self, i: int, blk: Block, src: str, W_in: np.ndarray, ln_beta: np.ndarray | None, k_out: float):
         """One linear for the whole FFN; reading x itself, the residual is folded into the matrix:
