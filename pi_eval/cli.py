@@ -19,11 +19,13 @@ import json
 import re
 import signal
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from .params import DEFAULT_PARAM_SET, PARAM_SETS
+from .results import BenchResults, BenchSummary, stop_on_sigterm
 
 
 def _modes(specs: list[str]) -> dict:
@@ -106,8 +108,6 @@ def _arch_dir(out: Path, preset: str, several: bool) -> Path:
 def bench(args, tamper=None) -> int:
     """``bench``: one encrypted inference per architecture, each one's report written when it completes, and
     ``DIR/bench.json`` (:mod:`pi_eval.results`) rewritten atomically as the run goes (so a stopped run leaves it)."""
-    from .results import BenchResults, stop_on_sigterm
-
     archs = _architectures(args)
     results = BenchResults.in_dir(args.out, archs)
 
@@ -123,7 +123,7 @@ def bench(args, tamper=None) -> int:
                 one = argparse.Namespace(**{**vars(args), "preset": arch}) if several else args
                 report, summary = _bench_one(one, _arch_dir(Path(args.out), arch, several), tamper, progress)
                 results.finish(report, summary)
-                print(json.dumps(summary, indent=2), flush=True)
+                print(json.dumps(asdict(summary), indent=2), flush=True)
         except BaseException as e:
             results.stop(e)
             raise
@@ -131,7 +131,7 @@ def bench(args, tamper=None) -> int:
     return 0
 
 
-def _bench_one(args, out: Path, tamper, progress) -> tuple[Path, dict]:
+def _bench_one(args, out: Path, tamper, progress) -> tuple[Path, BenchSummary]:
     """One architecture: run, report to ``out`` (report.json last), return (report path, printed summary)."""
     from .extract import torch_logits
     from .protocol import run_protocol, run_remote
@@ -221,28 +221,7 @@ def _bench_one(args, out: Path, tamper, progress) -> tuple[Path, dict]:
         np.savez(buf, ids=ids, decrypted=res.logits, **refs)
         atomic_write_bytes(out / "logits.npz", buf.getvalue())
     js, _ = write_report(rep, out)
-    summary = {
-        k: rep[k]
-        for k in (
-            "bytes_up",
-            "bytes_down",
-            "round_trips",
-            "setup_bytes",
-            "max_abs_logit_error",
-            "top1_agreement",
-            "slot_use",
-            "slot_use_bound",
-            "harness_overhead",
-        )
-    }
-    summary["wan_online_s"] = rep["latency"]["WAN"]["online_s"]
-    summary["online_wall_s"] = rep["online_wall_s"]
-    summary["architecture"] = arch
-    summary["peak_rss_gb"] = {
-        k: None if rep["peak_rss"][f"{k}_bytes"] is None else rep["peak_rss"][f"{k}_bytes"] / 1e9
-        for k in ("client", "server")
-    }
-    summary["report"] = str(js)
+    summary = BenchSummary.from_report(rep, js)
     return js, summary
 
 

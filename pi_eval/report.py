@@ -261,7 +261,7 @@ def build_report(
         "measured_setup_wall_s": res.client.timing.get("setup_wall_s"),
         "measured_online_wall_s": res.client.timing.get("online_wall_s"),
         "harness_overhead": res.online_wall_s / he_total if he_total > 0 else None,
-        **run_slot_use(sched),
+        **asdict(run_slot_use(sched)),
         "latency": {name: asdict(v) for name, v in latency.items()},
         "by_kind": {k: asdict(v) for k, v in by_kind.items()},
         "server_holds_secret_key": srv.holds_secret_key,

@@ -51,10 +51,45 @@ def stop_on_sigterm() -> Iterator[None]:
 
 
 @dataclass
+class BenchSummary:
+    """The figures ``bench`` prints for one architecture (from its report)."""
+
+    bytes_up: int
+    bytes_down: int
+    round_trips: int
+    setup_bytes: int
+    max_abs_logit_error: float | None  # None: the client of ``--connect`` holds no model
+    top1_agreement: float | None
+    slot_use: float | None
+    slot_use_bound: float | None
+    harness_overhead: float | None
+    wan_online_s: float  # modelled on the WAN profile
+    online_wall_s: float
+    architecture: str | None
+    peak_rss_gb: dict[str, float | None]  # client, server
+    report: str  # path of its report.json
+
+    @classmethod
+    def from_report(cls, rep: dict, path: Path) -> BenchSummary:
+        keys = ("bytes_up", "bytes_down", "round_trips", "setup_bytes", "max_abs_logit_error", "top1_agreement")
+        keys += ("slot_use", "slot_use_bound", "harness_overhead", "online_wall_s")
+        peak = rep["peak_rss"]
+        return cls(
+            **{k: rep[k] for k in keys},
+            wan_online_s=rep["latency"]["WAN"]["online_s"],
+            architecture=rep["meta"].get("architecture"),
+            peak_rss_gb={
+                k: None if peak[f"{k}_bytes"] is None else peak[f"{k}_bytes"] / 1e9 for k in ("client", "server")
+            },
+            report=str(path),
+        )
+
+
+@dataclass
 class FinishedArchitecture:
     architecture: str  # the preset asked for, or the checkpoint / share name
     report: str  # path of its report.json
-    summary: dict  # the figures ``bench`` prints (bytes, round trips, errors, peak RSS, ...)
+    summary: BenchSummary
 
 
 @dataclass
@@ -88,7 +123,7 @@ class BenchResults:
             self.current.progress.append(line)
         self.save()
 
-    def finish(self, report: Path, summary: dict) -> None:
+    def finish(self, report: Path, summary: BenchSummary) -> None:
         name = self.current.architecture if self.current is not None else "?"
         self.finished.append(FinishedArchitecture(name, str(report), summary))
         self.current = None

@@ -67,7 +67,20 @@ def step_count(st: Step, sched: Schedule) -> SlotCount | None:
     return c if msgs else None
 
 
-def run_slot_use(sched: Schedule) -> dict:
+@dataclass
+class RunSlotUse:
+    """Run-level slot use of the sent ciphertexts and of the ``mm`` (linear) inputs, with their bounds."""
+
+    slot_use: float | None
+    slot_use_bound: float | None
+    slot_use_mm: float | None
+    slot_use_mm_bound: float | None
+    slot_use_target: float
+    ciphertexts_sent_min: int
+    slot_use_limit: str | None  # why the run is below the target (None: it is not)
+
+
+def run_slot_use(sched: Schedule) -> RunSlotUse:
     """Run-level slot use (sent ciphertexts and ``mm`` inputs) with bounds and, when below target, the reason."""
     slots = sched.params.slots
     sent, mm = SlotCount(), SlotCount()
@@ -78,14 +91,6 @@ def run_slot_use(sched: Schedule) -> dict:
         tot = mm if st.op is Op.LINEAR else sent
         tot.payload, tot.cts, tot.min_cts = tot.payload + c.payload, tot.cts + c.cts, tot.min_cts + c.min_cts
         tot.largest = max(tot.largest, c.largest)
-    out = {
-        "slot_use": sent.use(slots),
-        "slot_use_bound": sent.bound(slots),
-        "slot_use_mm": mm.use(slots),
-        "slot_use_mm_bound": mm.bound(slots),
-        "slot_use_target": TARGET,
-        "ciphertexts_sent_min": sent.min_cts,
-    }
     reasons = []
     for name, c in (("sent", sent), ("mm", mm)):
         if c.cts == 0:
@@ -97,5 +102,12 @@ def run_slot_use(sched: Schedule) -> dict:
             )
         if c.cts > c.min_cts:
             reasons.append(f"{name}: schedule uses {c.cts} ciphertexts where {c.min_cts} would hold the payload")
-    out["slot_use_limit"] = "; ".join(reasons) or None
-    return out
+    return RunSlotUse(
+        slot_use=sent.use(slots),
+        slot_use_bound=sent.bound(slots),
+        slot_use_mm=mm.use(slots),
+        slot_use_mm_bound=mm.bound(slots),
+        slot_use_target=TARGET,
+        ciphertexts_sent_min=sent.min_cts,
+        slot_use_limit="; ".join(reasons) or None,
+    )

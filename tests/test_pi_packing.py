@@ -133,7 +133,7 @@ def test_large_shapes_exact_and_fill_slots(preset, d, seq_len, modes):
     su = run_slot_use(sched)
     slots = sched.params.slots
     if seq_len * d >= TARGET * slots:  # the register holding x alone can fill 75% of a ciphertext
-        assert su["slot_use"] >= TARGET and su["slot_use_mm"] >= TARGET, su
+        assert su.slot_use >= TARGET and su.slot_use_mm >= TARGET, su
     else:  # best possible is below target and said so
-        assert su["slot_use_bound"] < TARGET and "shape-limited" in su["slot_use_limit"]
-        assert su["slot_use"] == pytest.approx(su["slot_use_bound"])
+        assert su.slot_use_bound < TARGET and "shape-limited" in su.slot_use_limit
+        assert su.slot_use == pytest.approx(su.slot_use_bound)
