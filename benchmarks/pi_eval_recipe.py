@@ -10,7 +10,7 @@ and after.  The acceptance of #12: each run under 10 minutes and under 8 GB in t
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/pi_eval_recipe.py --presets SM+ScFuFFN
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/pi_eval_recipe.py --checkpoint runs/default   # a fit run dir
 
-Writes ``<out>/pi_eval_recipe_<date>-cpu.json`` and ``.md`` (atomically) after every run, ``"complete": true`` at the
+Writes ``<out>/pi_eval_recipe_<date>-cpu[-checkpoint].json`` and ``.md`` (atomically) after every run, ``"complete": true`` at the
 end, so a stopped benchmark keeps the runs it finished.  CPU-heavy: do not run it next to other
 jobs unless the load is what you want to measure (the load average is recorded either way).
 """
@@ -155,10 +155,11 @@ def main(argv: list[str] | None = None) -> int:
         "runs": [],
     }
     out = Path(args.out)
+    stem = f"pi_eval_recipe_{date}-cpu" + ("-checkpoint" if args.checkpoint else "")
 
     def write() -> None:
-        atomic_write_json(out / f"pi_eval_recipe_{date}-cpu.json", result)
-        atomic_write_text(out / f"pi_eval_recipe_{date}-cpu.md", markdown(result))
+        atomic_write_json(out / f"{stem}.json", result)
+        atomic_write_text(out / f"{stem}.md", markdown(result))
 
     with tempfile.TemporaryDirectory(prefix="pi_eval_recipe_") as tmp:
         for i, (label, preset, ckpt) in enumerate(jobs):
