@@ -11,14 +11,15 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
 from entropic.callbacks.plotting import plot_bin_histogram, plot_head_heatmap, plot_layer_history
+from entropic.callbacks.wiring import prepare_module
 from entropic.functional import entropic_overload, entropy_bin_shares, entropy_collapse
 from entropic.metrics import HeadEntropyMean
 from entropic.ops.recording import EntropyRecorder, find_recorder
-from entropic.regularizer import prepare_model, query_mask_from_batch
+from entropic.regularizer import query_mask_from_batch
 
 __all__ = ["AttentionEntropyMonitor"]
 
@@ -132,11 +133,7 @@ class AttentionEntropyMonitor(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        changed = prepare_model(pl_module)
-        if changed:
-            rank_zero_info(
-                f"AttentionEntropyMonitor: switched {', '.join(changed)} so attention layers record per-head entropy."
-            )
+        prepare_module(pl_module, "AttentionEntropyMonitor")
         self._recorder = find_recorder(pl_module)
         if self.write_figures and self.figure_dir is None:
             # Resolved here, on every rank: trainer.log_dir broadcasts, so it must not run in a rank-zero-only path.

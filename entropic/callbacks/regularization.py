@@ -24,6 +24,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
+from entropic.callbacks.wiring import prepare_module
 from entropic.functional import (
     DEFAULT_THRESHOLD,
     entropy_and_max_totals,
@@ -39,7 +40,6 @@ from entropic.regularizer import (
     find_model_thresholds,
     find_recorder,
     make_thresholds,
-    prepare_model,
     query_mask_from_batch,
     validate_penalty_args,
 )
@@ -203,11 +203,7 @@ class EntropyRegularization(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        changed = prepare_model(pl_module)
-        if changed:
-            rank_zero_info(
-                f"EntropyRegularization: switched {', '.join(changed)} so attention layers record per-head entropy."
-            )
+        prepare_module(pl_module, "EntropyRegularization")
         for module in pl_module.modules():
             coeff = getattr(getattr(module, "config", None), "entropy_coeff", 0.0)
             if isinstance(coeff, (int, float)) and coeff > 0:
