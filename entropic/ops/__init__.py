@@ -5,8 +5,10 @@ Backends of :func:`entropic_attention`:
 * ``"triton"``: the fused Triton kernels of ``entropic_kernels`` (FlashAttention-style, O(T) memory).
   On a CPU tensor they run under the Triton interpreter, which needs ``TRITON_INTERPRET=1`` in the
   environment *before* the kernels are imported (slow; for tests only).
-* ``"torch"``: exact PyTorch paths with O(T) saved memory per head, for CPU and machines without Triton. On
+* ``"torch"``: exact CPU/PyTorch paths with O(T) saved memory per head, for CPU and machines without Triton. On
   fp32 CPU tensors without key padding (causal with equal query and key lengths, or not causal),
+  :func:`entropic.ops.fused_cpu.fused_entropic_attention`, a C++ kernel compiled on first use (off with
+  ``ENTROPIC_NO_FUSED_CPU=1``, or where it cannot be built), else
   :func:`entropic.ops.flash_cpu.flash_entropic_attention` on PyTorch's fused CPU flash kernel; otherwise
   :func:`entropic.ops.torch_attention.torch_entropic_attention`, chunked over queries with recomputation in
   backward.
@@ -25,6 +27,7 @@ import torch
 
 from entropic.env import env_flag
 from entropic.ops.flash_cpu import flash_cpu_applies, flash_entropic_attention
+from entropic.ops.fused_cpu import fused_cpu_applies, fused_cpu_available, fused_entropic_attention
 from entropic.ops.reference import reference_entropic_attention
 from entropic.ops.torch_attention import DEFAULT_CHUNK_SIZE, torch_entropic_attention
 
@@ -182,8 +185,10 @@ def entropic_attention(
         assert fn is not None
         return fn(q, k, v, **kwargs)
     if chosen == "torch":
+        # fp64 stays on the chunked path (exact to ~1e-12, what the gradchecks rely on).
+        if q.dtype == torch.float32 and fused_cpu_applies(q, k, v, causal, key_padding_mask) and fused_cpu_available():
+            return fused_entropic_attention(q, k, v, causal=causal, scale=_scale(q, scale), temperature=temperature)
         if q.dtype == torch.float32 and flash_cpu_applies(q, k, causal, key_padding_mask):
-            # fp64 stays on the chunked path: the fused kernel accumulates fp64 inputs less exactly (~1e-7).
             return flash_entropic_attention(q, k, v, causal=causal, scale=_scale(q, scale), temperature=temperature)
         return torch_entropic_attention(q, k, v, chunk_size=DEFAULT_CHUNK_SIZE, **kwargs)
     return reference_entropic_attention(q, k, v, **kwargs)
