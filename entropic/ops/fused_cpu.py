@@ -20,6 +20,7 @@ Covers: CPU, fp32 or fp64, no key padding, causal only with equal query and key 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import warnings
 from pathlib import Path
@@ -48,8 +49,9 @@ _log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _state: dict[str, ModuleType | None] = {}
 
-# Vector ISA per torch's detected CPU capability. The build is for this machine only; the capability is part of the
-# extension name, so a cache directory shared between different CPUs never loads a binary built for another ISA.
+# Vector ISA per torch's detected CPU capability. The build is for this machine only; the capability and the torch
+# version are part of the extension name, so a cache directory shared between different CPUs or torch installs never
+# loads a binary built for another ISA or ABI.
 _ISA_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma", "-mprefer-vector-width=512"],
     "AVX2": ["-mavx2", "-mfma"],
@@ -61,8 +63,9 @@ def _build() -> ModuleType:
 
     capability = torch.backends.cpu.get_cpu_capability()
     isa = _ISA_FLAGS.get(capability, [])
+    torch_tag = re.sub(r"\W", "_", torch.__version__)
     module = load(
-        name=f"entropic_fused_attention_{capability.lower() if isa else 'generic'}",
+        name=f"entropic_fused_attention_{capability.lower() if isa else 'generic'}_torch{torch_tag}",
         sources=[str(_SOURCE)],
         extra_cflags=["-O3", "-fopenmp", *isa],
         extra_ldflags=["-fopenmp"],
