@@ -2,8 +2,9 @@
 
 Compares, for each sequence length T, forward and forward+backward:
 
-* ``ours``: :func:`entropic.ops.entropic_attention` (backend "auto": the chunked PyTorch path on CPU,
-  the Triton kernels on CUDA), returning out and row entropy; backward through both.
+* ``ours``: :func:`entropic.ops.entropic_attention` (backend "auto": on CPU the fused C++ kernel of
+  :mod:`entropic.ops.fused_cpu` for fp32, else the PyTorch paths; the Triton kernels on CUDA), returning out and
+  row entropy; backward through both.
 * ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` (no entropy; on CUDA forced to the flash
   backend): the speed/memory floor.
 * ``reference``: what the paper's authors do: eager attention with materialized probabilities, and the
