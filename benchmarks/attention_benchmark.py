@@ -46,30 +46,13 @@ import sys
 import time
 from pathlib import Path
 
+from hardware import PINNED_MALLOC_ENV, cpu_model, reset_peak_rss, rss_status  # benchmarks/, the script's own directory
+
 IMPLS = ("ours", "sdpa", "reference")
 MODES = ("fwd", "fwd_bwd")
 
 
 # ---------------------------------------------------------------------------------------------- worker
-
-
-def _rss_status() -> dict[str, int]:
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                key, val = line.split(":")
-                out[key] = int(val.split()[0]) * 1024
-    return out
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _worker(args: argparse.Namespace) -> dict:
@@ -137,10 +120,10 @@ def _worker(args: argparse.Namespace) -> dict:
         peak = torch.cuda.max_memory_allocated() - base
         mem_method = "cuda.max_memory_allocated"
     else:
-        base = _rss_status()["VmRSS"]
-        ok = _reset_peak_rss()
+        base = rss_status()["VmRSS"]
+        ok = reset_peak_rss()
         step()
-        peak = _rss_status()["VmHWM"] - base
+        peak = rss_status()["VmHWM"] - base
         mem_method = "peak RSS growth (clear_refs+VmHWM)" if ok else "peak RSS growth (VmHWM not reset!)"
 
     times = []
@@ -201,11 +184,7 @@ def _hardware(device: str) -> dict:
         "torch_threads": torch.get_num_threads(),
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
     }
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu_model"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        info["cpu_model"] = platform.processor()
+    info["cpu_model"] = cpu_model()
     try:
         with open("/proc/meminfo") as f:
             info["mem_total_kib"] = int(next(line.split()[1] for line in f if line.startswith("MemTotal")))
@@ -229,7 +208,7 @@ def _reference_bytes_estimate(b, h, t, dtype_bytes) -> int:
 
 
 def _run_case(args, impl, mode, t) -> dict | None:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    env = dict(os.environ, **PINNED_MALLOC_ENV)
     cmd = [
         sys.executable,
         os.path.abspath(__file__),

@@ -12,7 +12,10 @@ Times one training step (forward, loss, backward, optimizer step; measured betwe
 
 Modes run interleaved (one short fit per mode per round) in one process and the median step of all rounds is
 reported, with ratios to ``plain``, both in wall time and in process CPU time (the latter is robust to other jobs
-on a shared machine when torch runs one thread). Results go to ``benchmarks/results/callback_overhead_<date>_<host>.{json,csv}``.
+on a shared machine when torch runs one thread). Peak memory per mode is the median over rounds of the fit's peak RSS
+growth (``VmHWM`` reset through ``/proc/self/clear_refs`` before the model is built), with glibc's mmap threshold
+pinned (the script restarts itself with ``MALLOC_MMAP_THRESHOLD_=65536``) so RSS follows live tensors. Results go
+to ``benchmarks/results/callback_overhead_<date>_<host>_T<T>.{json,csv}``.
 
     OMP_NUM_THREADS=1 python benchmarks/callback_overhead.py --layers 4 --heads 4 --embd 256 --seq 128 512 1024 --batch 8
 """
@@ -28,12 +31,13 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
 import warnings
 from pathlib import Path
 
 import torch
-from hardware import cpu_model  # benchmarks/, the script's own directory
+from hardware import PINNED_MALLOC_ENV, cpu_model, reset_peak_rss, rss_status  # benchmarks/, the script's own directory
 
 MODES = ("plain", "callbacks", "eager", "reference")
 
@@ -79,7 +83,11 @@ def build(mode: str, config, weights, coeff: float, tolerance: float):
     return UserLM()
 
 
-def run_mode(mode, config, weights, batches, steps, warmup, coeff, tolerance) -> list[tuple[float, float]]:
+def run_mode(
+    mode, config, weights, batches, steps, warmup, coeff, tolerance
+) -> tuple[list[tuple[float, float]], float]:
+    """One short fit: the timed steps' (wall, CPU) seconds and the fit's peak RSS growth in bytes (model, optimizer
+    state, activations and gradients; NaN where the peak counter cannot be reset)."""
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import Callback
 
@@ -100,13 +108,16 @@ def run_mode(mode, config, weights, batches, steps, warmup, coeff, tolerance) ->
     if mode == "callbacks":
         # Timer first, so the monitor's per-batch work (and its log-cadence all-reduce) is inside the measurement.
         callbacks = [AttentionEntropyMonitor(write_figures=False), EntropyRegularization(coeff, tolerance), timer]
+    rss_before = rss_status()["VmRSS"]
+    peak_reset = reset_peak_rss()
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_steps=steps + warmup, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=50, callbacks=callbacks,
     )  # fmt: skip
     loader = torch.utils.data.DataLoader(batches, batch_size=None)
     trainer.fit(build(mode, config, weights, coeff, tolerance), loader)
-    return timer.times[warmup:]
+    peak = rss_status()["VmHWM"] - rss_before if peak_reset else float("nan")
+    return timer.times[warmup:], peak
 
 
 def main() -> None:
@@ -122,6 +133,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args()
+    if any(os.environ.get(k) != v for k, v in PINNED_MALLOC_ENV.items()):
+        # glibc reads these at start-up only: restart with them, so peak RSS follows live tensors.
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **PINNED_MALLOC_ENV})
     for seq in args.seq:
         measure(argparse.Namespace(**{**vars(args), "seq": seq}))
 
@@ -153,10 +167,13 @@ def measure(args: argparse.Namespace) -> None:
         batches.append({"input_ids": ids, "labels": ids})
 
     times: dict[str, list[tuple[float, float]]] = {m: [] for m in MODES}
+    peaks: dict[str, list[float]] = {m: [] for m in MODES}
     for r in range(args.rounds):
         order = MODES[r % len(MODES) :] + MODES[: r % len(MODES)]  # rotate the order between rounds
         for mode in order:
-            times[mode] += run_mode(mode, config, weights, batches, args.steps, args.warmup, 1e-5, 0.2)
+            mode_times, peak = run_mode(mode, config, weights, batches, args.steps, args.warmup, 1e-5, 0.2)
+            times[mode] += mode_times
+            peaks[mode].append(peak)
             wall = statistics.median(w for w, _ in times[mode])
             print(f"round {r} {mode:9s} median wall {1e3 * wall:8.1f} ms", flush=True)
 
@@ -172,6 +189,7 @@ def measure(args: argparse.Namespace) -> None:
         }
 
     ratios = ratios_of(med)
+    peak_mem = {m: statistics.median(p) for m, p in peaks.items()}
     now = dt.datetime.now()
     from entropic.ops import entropic_attention  # noqa: F401  (records which backend version ran)
 
@@ -192,7 +210,10 @@ def measure(args: argparse.Namespace) -> None:
         "ratios_cpu": ratios_of(cpu),
         "n_steps": {m: len(t) for m, t in times.items()},
         "ratios": ratios,
-        "target": "callbacks/plain <= 1.10",
+        "peak_rss_growth_bytes": peak_mem,
+        "ratios_peak_memory": ratios_of(peak_mem),
+        "malloc_pinned": all(os.environ.get(k) == v for k, v in PINNED_MALLOC_ENV.items()),
+        "target": "callbacks/plain <= 1.05 (CPU time) and <= 1.10 (peak memory)",
     }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"callback_overhead_{now:%Y%m%d}_{platform.node() or 'host'}_T{args.seq}"
@@ -209,7 +230,8 @@ def measure(args: argparse.Namespace) -> None:
                  f"{cpu[m]:.2f}", f"{cpu[m] / cpu['plain']:.3f}", args.layers, args.heads, args.embd, args.seq,
                  args.batch, f"{result['hardware']['load_avg_1m_at_end']:.2f}"]
             )  # fmt: skip
-    print(json.dumps({"median_step_ms": med, "ratios": ratios, "ratios_cpu": result["ratios_cpu"]}, indent=2))
+    summary = {k: result[k] for k in ("median_step_ms", "ratios", "ratios_cpu", "ratios_peak_memory")}
+    print(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":
