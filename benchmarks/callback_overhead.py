@@ -92,6 +92,7 @@ def run_mode(
     from lightning.pytorch.callbacks import Callback
 
     from entropic.callbacks import AttentionEntropyMonitor, EntropyRegularization
+    from entropic.functional import DEFAULT_THRESHOLD
 
     class Timer(Callback):
         def __init__(self) -> None:
@@ -107,7 +108,13 @@ def run_mode(
     callbacks = [timer]
     if mode == "callbacks":
         # Timer first, so the monitor's per-batch work (and its log-cadence all-reduce) is inside the measurement.
-        callbacks = [AttentionEntropyMonitor(write_figures=False), EntropyRegularization(coeff, tolerance), timer]
+        callbacks = [
+            AttentionEntropyMonitor(write_figures=False),
+            EntropyRegularization(
+                coeff, tolerance, threshold_init=DEFAULT_THRESHOLD, start_when_entropy_below=None, warmup_steps=0
+            ),  # the term from the first step, at full strength: the cost of applying it
+            timer,
+        ]
     rss_before = rss_status()["VmRSS"]
     peak_reset = reset_peak_rss()
     trainer = pl.Trainer(

@@ -88,6 +88,7 @@ EREG = {
     "loss_coeff": PAPER_LAMBDA_PAPER_REDUCTION,
     "tolerance": 0.2,
     "reduction": "paper",
+    "threshold_init": 0.35,
     "start_when_entropy_below": UNIFORM_FRACTION,
     "warmup_steps": 150,  # 10 % of the steps
 }
@@ -162,7 +163,15 @@ ARMS: tuple[Arm, ...] = (
         "ereg_sm_t_scfuffn",
         "EReg, the earlier default",
         "sm_t_scfuffn",
-        regularization={"loss_coeff": 0.01, "tolerance": 0.2, "reduction": "paper", "start_fraction": 0.05},
+        regularization={
+            "loss_coeff": 0.01,
+            "tolerance": 0.2,
+            "reduction": "paper",
+            "threshold_init": 0.35,
+            "start_fraction": 0.05,
+            "start_when_entropy_below": None,
+            "warmup_steps": 0,
+        },
     ),
     Arm("sm_lr3e-3", "sm", "SM, lr 3e-3", None, {"model.learning_rate": 3e-3}),
     Arm("sm_lr1e-2", "sm", "SM, lr 1e-2", None, {"model.learning_rate": 1e-2}),

@@ -23,6 +23,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from entropic.callbacks import AttentionEntropyMonitor, EntropyRegularization
+from entropic.functional import DEFAULT_THRESHOLD
 from entropic.regularizer import EntropyPenalty, entropy_penalty_from_model, prepare_model
 
 VOCAB, T, B = 64, 16, 4
@@ -157,7 +158,9 @@ def test_gradients_change_by_exactly_lambda_grad_penalty(tmp_path, accumulate):
     weights, batches = initial_weights(), make_batches(accumulate)
     coeff, tol = 5.0, 0.1
     plain, _ = run_step(tmp_path, weights, batches, accumulate_grad_batches=accumulate)
-    reg = EntropyRegularization(loss_coeff=coeff, tolerance=tol, threshold_init=THETA)
+    reg = EntropyRegularization(
+        loss_coeff=coeff, tolerance=tol, threshold_init=THETA, start_when_entropy_below=None, warmup_steps=0
+    )
     regularized, module = run_step(
         tmp_path, weights, batches, [AttentionEntropyMonitor(), reg], accumulate_grad_batches=accumulate
     )
@@ -199,7 +202,9 @@ def low_precision_case(tmp_path, dtype, loss_scale=1.0, **trainer_kwargs):
     coeff, tol = 5.0, 0.1
     runs = []
     for lam in (0.0, coeff):
-        reg = EntropyRegularization(loss_coeff=lam, tolerance=tol, threshold_init=THETA)
+        reg = EntropyRegularization(
+            loss_coeff=lam, tolerance=tol, threshold_init=THETA, start_when_entropy_below=None, warmup_steps=0
+        )
         runs.append(run_step(tmp_path, weights, [batch], [reg], **trainer_kwargs)[0])
     baseline, regularized = runs
     plain_with = same_path_grads(weights, batch, THETA, tol, coeff, dtype, loss_scale)
@@ -232,7 +237,7 @@ def test_logs_keys_and_monitor_means(tmp_path):
     weights, batches = initial_weights(), make_batches(2)
     logger = MemoryLogger()
     monitor = AttentionEntropyMonitor(write_figures=False)
-    reg = EntropyRegularization(loss_coeff=0.1, threshold_init=THETA)
+    reg = EntropyRegularization(loss_coeff=0.1, threshold_init=THETA, start_when_entropy_below=None, warmup_steps=0)
     trainer(tmp_path, [monitor, reg], max_steps=2, logger=logger, log_every_n_steps=2).fit(
         UserLM(weights), loader(batches)
     )
@@ -294,7 +299,14 @@ def test_resume_gives_same_thresholds_and_next_loss(tmp_path):
     weights, batches = initial_weights(), make_batches(2)
 
     def callbacks():
-        reg = EntropyRegularization(loss_coeff=0.5, tolerance=0.0, threshold_init=THETA, start_step=1, warmup_steps=3)
+        reg = EntropyRegularization(
+            loss_coeff=0.5,
+            tolerance=0.0,
+            threshold_init=THETA,
+            start_step=1,
+            warmup_steps=3,
+            start_when_entropy_below=None,
+        )
         return [AttentionEntropyMonitor(write_figures=False), reg]
 
     full_probe, full = GradProbe(), UserLM(weights, lr=0.5)
@@ -379,14 +391,28 @@ def test_param_group_and_fixed_thresholds(tmp_path):
         def configure_optimizers(self):
             return torch.optim.SGD(self.model.parameters(), lr=0.0)
 
-    reg = EntropyRegularization(loss_coeff=1.0, tolerance=0.0, threshold_init=THETA, param_group={"lr": 0.5})
+    reg = EntropyRegularization(
+        loss_coeff=1.0,
+        tolerance=0.0,
+        threshold_init=THETA,
+        param_group={"lr": 0.5},
+        start_when_entropy_below=None,
+        warmup_steps=0,
+    )
     module = ModelOnlyOptimizer(weights)
     trainer(tmp_path, [reg]).fit(module, loader(batches))
     assert not torch.equal(reg.thresholds.detach(), THETA)  # trained through the group the callback added
     assert "training_step" not in module.__dict__  # unwrapped at teardown
     assert not any("threshold" in name for name, _ in module.named_parameters())
 
-    fixed = EntropyRegularization(loss_coeff=1.0, tolerance=0.0, threshold_init=THETA, learnable_thresholds=False)
+    fixed = EntropyRegularization(
+        loss_coeff=1.0,
+        tolerance=0.0,
+        threshold_init=THETA,
+        learnable_thresholds=False,
+        start_when_entropy_below=None,
+        warmup_steps=0,
+    )
     module = UserLM(weights, lr=0.5)
     trainer(tmp_path, [fixed]).fit(module, loader(batches))
     assert not fixed.thresholds.requires_grad
@@ -494,7 +520,7 @@ if __name__ == "__main__":
     weights = torch.load(os.path.join(out, "weights.pt"))
     rows = torch.load(os.path.join(out, "rows.pt"))
     monitor = AttentionEntropyMonitor(write_figures=False)
-    reg = EntropyRegularization(loss_coeff=0.5, tolerance=0.1, threshold_init=THETA)
+    reg = EntropyRegularization(loss_coeff=0.5, tolerance=0.1, threshold_init=THETA, start_when_entropy_below=None, warmup_steps=0)
     probe = Probe()
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy="ddp", max_steps=1, logger=False, enable_checkpointing=False,
@@ -546,7 +572,9 @@ def test_manual_optimization_route_adds_exactly_lambda_grad_penalty(tmp_path):
     modules = []
     for coeff in (0.0, 5.0):
         module = ManualLM(weights)
-        reg = EntropyRegularization(loss_coeff=coeff, tolerance=0.1, threshold_init=THETA)
+        reg = EntropyRegularization(
+            loss_coeff=coeff, tolerance=0.1, threshold_init=THETA, start_when_entropy_below=None, warmup_steps=0
+        )
         trainer(tmp_path, [reg]).fit(module, loader(batches))
         modules.append(module)
     assert_grad_delta(modules[1].grads, modules[0].grads, delta, atol=1e-6)
@@ -555,7 +583,9 @@ def test_manual_optimization_route_adds_exactly_lambda_grad_penalty(tmp_path):
 
 def test_manual_optimization_without_the_call_is_refused(tmp_path):
     weights, batches = initial_weights(), make_batches(1)
-    reg = EntropyRegularization(loss_coeff=1.0)
+    reg = EntropyRegularization(
+        loss_coeff=1.0, start_when_entropy_below=None, warmup_steps=0, threshold_init=DEFAULT_THRESHOLD
+    )
     with pytest.raises(MisconfigurationException, match=r"manual optimization.*loss = loss \+ reg\.penalty\(self\)"):
         trainer(tmp_path, [reg]).fit(ManualLM(weights, call_penalty=False), loader(batches))
 
@@ -669,7 +699,7 @@ def test_deepcopy_of_the_model_mid_training_works(tmp_path):
             copies.append(copy.deepcopy(pl_module.model))  # the recorder holds this step's graph
 
     module = UserLM(weights, lr=0.1)
-    reg = EntropyRegularization(loss_coeff=1.0, threshold_init=THETA)
+    reg = EntropyRegularization(loss_coeff=1.0, threshold_init=THETA, start_when_entropy_below=None, warmup_steps=0)
     trainer(tmp_path, [AttentionEntropyMonitor(write_figures=False), reg, EMA()], max_steps=3).fit(
         module, loader(batches)
     )

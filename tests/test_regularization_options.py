@@ -23,7 +23,7 @@ from entropic.functional import (
     mean_entropy_fraction,
 )
 from entropic.models import EntropicConfig, EntropicForCausalLM
-from entropic.penalty_schedule import PenaltySchedule
+from entropic.penalty_schedule import THRESHOLD_INIT_OBSERVED, PenaltySchedule
 from entropic.regularizer import EntropyPenalty
 
 VOCAB, T, B = 64, 16, 4
@@ -70,7 +70,7 @@ def test_plain_penalty_rejects_bad_values_and_schedules_without_a_coefficient():
 
 def test_one_default_threshold_everywhere():
     assert EntropicConfig().threshold_init == DEFAULT_THRESHOLD
-    assert EntropyRegularization().threshold_init == DEFAULT_THRESHOLD
+    assert EntropyRegularization().threshold_init == THRESHOLD_INIT_OBSERVED  # set from the entropies at the start
     assert torch.all(EntropyPenalty(2, 3).thresholds == DEFAULT_THRESHOLD)
     model = tiny_model("SM(t)+ScFuFFN")
     assert torch.all(model.entropy_thresholds == DEFAULT_THRESHOLD)
@@ -190,7 +190,13 @@ def _zero_query_keys(model: EntropicForCausalLM) -> EntropicForCausalLM:
 
 def test_gate_fires_at_the_step_attention_leaves_uniform():
     model = _zero_query_keys(tiny_model())
-    reg = EntropyRegularization(loss_coeff=0.5, start_when_entropy_below=0.9, warmup_steps=2, log_grad_ratio=False)
+    reg = EntropyRegularization(
+        loss_coeff=0.5,
+        start_when_entropy_below=0.9,
+        warmup_steps=2,
+        log_grad_ratio=False,
+        threshold_init=DEFAULT_THRESHOLD,
+    )
     logger = _Records()
     _fit(model, [reg, _SharpenAttention(at=3)], _batches(6), logger=logger)
     assert reg.started_at == 3
@@ -199,14 +205,27 @@ def test_gate_fires_at_the_step_attention_leaves_uniform():
 
 
 def test_gate_never_fires_while_attention_stays_uniform():
-    reg = EntropyRegularization(loss_coeff=0.5, start_when_entropy_below=0.99, log_grad_ratio=False)
+    reg = EntropyRegularization(
+        loss_coeff=0.5,
+        start_when_entropy_below=0.99,
+        log_grad_ratio=False,
+        warmup_steps=0,
+        threshold_init=DEFAULT_THRESHOLD,
+    )
     _fit(_zero_query_keys(tiny_model()), [reg], _batches(3))
     assert reg.started_at is None and reg.last_coeff == 0.0
 
 
 def test_observed_thresholds_put_every_head_on_its_target_at_the_start():
     model = tiny_model("SM(t)+ScFuFFN")
-    reg = EntropyRegularization(loss_coeff=0.5, start_step=2, threshold_init="observed", log_grad_ratio=False)
+    reg = EntropyRegularization(
+        loss_coeff=0.5,
+        start_step=2,
+        threshold_init="observed",
+        log_grad_ratio=False,
+        start_when_entropy_below=None,
+        warmup_steps=0,
+    )
     seen = {}
 
     class Probe(Callback):
@@ -229,7 +248,9 @@ def test_observed_thresholds_put_every_head_on_its_target_at_the_start():
 
 def test_diagnostics_are_logged_at_the_log_cadence_only():
     model = tiny_model("SM(t)+ScFuFFN")
-    reg = EntropyRegularization(loss_coeff=0.5)
+    reg = EntropyRegularization(
+        loss_coeff=0.5, start_when_entropy_below=None, warmup_steps=0, threshold_init=DEFAULT_THRESHOLD
+    )
     logger = _Records()
     _fit(model, [reg], _batches(6), logger=logger, log_every_n_steps=3)
     ratios = {step: m["train/entropy_grad_ratio"] for step, m in logger.rows if "train/entropy_grad_ratio" in m}
@@ -254,7 +275,9 @@ def test_grad_ratio_equals_an_independent_computation():
         return math.sqrt(sum(float(g.square().sum()) for g in grads))
 
     expected = 0.5 * norm(penalty) / norm(out.loss)
-    reg = EntropyRegularization(loss_coeff=0.5)
+    reg = EntropyRegularization(
+        loss_coeff=0.5, start_when_entropy_below=None, warmup_steps=0, threshold_init=DEFAULT_THRESHOLD
+    )
     logger = _Records()
     _fit(model, [reg], [batch], logger=logger)
     (logged,) = [m["train/entropy_grad_ratio"] for _, m in logger.rows if "train/entropy_grad_ratio" in m]
@@ -320,7 +343,13 @@ def test_monitor_means_and_callback_penalty_leave_padding_out(side):
         )
     model.train()
     monitor = AttentionEntropyMonitor(write_figures=False)
-    reg = EntropyRegularization(loss_coeff=0.5, log_grad_ratio=False)
+    reg = EntropyRegularization(
+        loss_coeff=0.5,
+        log_grad_ratio=False,
+        start_when_entropy_below=None,
+        warmup_steps=0,
+        threshold_init=DEFAULT_THRESHOLD,
+    )
     _fit(model, [monitor, reg], batches)
     logged = torch.tensor(monitor.history[-1]["head_mean"], dtype=torch.float32)
     torch.testing.assert_close(logged, reference_heads, rtol=1e-5, atol=1e-6)

@@ -168,3 +168,24 @@ def test_every_arm_has_a_recipe_in_the_regime_with_its_seed(repro, tmp_path):
         assert arm.control is None or arm.control in repro.ARMS_BY_KEY
     for finding in repro.FINDINGS:
         assert finding.arm in repro.ARMS_BY_KEY and finding.control in repro.ARMS_BY_KEY
+
+
+def test_library_defaults_are_the_studied_setting_and_the_earlier_default_is_pinned(repro):
+    """EntropyRegularization() is exactly arm ``ereg_weak`` (the setting the study did not find worse), and the
+    arms that test other settings spell out every option the defaults would otherwise fill in."""
+    import inspect
+
+    from entropic import EntropyRegularization
+
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(EntropyRegularization.__init__).parameters.items()
+        if name
+        in ("loss_coeff", "tolerance", "reduction", "threshold_init", "start_when_entropy_below", "warmup_steps")
+    }
+    assert repro.ARMS_BY_KEY["ereg_weak"].regularization == defaults
+    for key in ("ereg_before", "ereg_paper_lambda", "ereg_per_query", "ereg_frozen_theta"):
+        settings = repro.ARMS_BY_KEY[key].regularization
+        assert settings["threshold_init"] == 0.35
+        assert {"start_when_entropy_below", "warmup_steps"} <= settings.keys()
+    assert repro.ARMS_BY_KEY["ereg_before"].regularization["start_when_entropy_below"] is None

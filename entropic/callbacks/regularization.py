@@ -32,7 +32,14 @@ from entropic.functional import (
     heads_in_band,
 )
 from entropic.ops.recording import EntropyRecorder
-from entropic.penalty_schedule import THRESHOLD_INIT_OBSERVED, PenaltySchedule, check_threshold_init
+from entropic.penalty_schedule import (
+    DEFAULT_LOSS_COEFF,
+    DEFAULT_START_BELOW,
+    DEFAULT_WARMUP_STEPS,
+    THRESHOLD_INIT_OBSERVED,
+    PenaltySchedule,
+    check_threshold_init,
+)
 from entropic.regularizer import (
     attention_logit_parameters,
     entropy_penalty_from_entropies,
@@ -80,19 +87,23 @@ class EntropyRegularization(Callback):
     at each log step).
 
     Args:
-        loss_coeff: λ. The paper's 1e-5 (CodeParrot) and 5e-5 (Languini) multiply per-query penalties summed
-            over 128 × 128-token micro-batches, i.e. reduction ``"per_query"``; with the default ``"paper"``
-            reduction (a mean over those queries) the same gradient needs about 16,384 × that (0.16 for 1e-5).
-            What λ does to perplexity at CPU scale: docs/reproduction.md.
+        loss_coeff: λ, default 0.01. The paper's 1e-5 (CodeParrot) and 5e-5 (Languini) multiply per-query
+            penalties summed over 128 × 128-token micro-batches, i.e. reduction ``"per_query"``; with the default
+            ``"paper"`` reduction (a mean over those queries) the same gradient needs about 16,384 × that (0.16
+            for 1e-5). The defaults of λ, θ (``"observed"``), the gate (0.9) and the warm-up (150 steps) are the
+            setting the seeded CPU study did not find worse than training without the term; at the paper's λ
+            it was worse (docs/reproduction.md). Pass ``start_when_entropy_below=None, warmup_steps=0`` for a
+            term active from ``start_step`` at full strength.
         tolerance: γ; deviations within γ·E_max are not penalized. Paper: 0.2.
         reduction: ``"paper"`` (Algorithm 1) or ``"per_query"`` (the authors' released code).
         context_size: T in E_max = log T. None (default): the sequence length of each training batch, i.e. the
             last dimension of the recorded row entropies (the authors' code does the same).
         learnable_thresholds: θ trainable (a parameter) or fixed (a buffer).
-        threshold_init: initial θ: a float in [0, 1] or an [L, H] tensor (ignored when the model owns
-            thresholds; default :data:`entropic.functional.DEFAULT_THRESHOLD`), or ``"observed"``: at the step the
-            term starts, θ (the model's own or the callback's) is set to the head entropies of that step / log T,
-            averaged over all ranks, so every head starts on its target.
+        threshold_init: ``"observed"`` (default): at the step the term starts, θ (the model's own or the
+            callback's) is set to the head entropies of that step / log T, averaged over all ranks, so every head
+            starts on its target (before that, a θ the callback owns holds
+            :data:`entropic.functional.DEFAULT_THRESHOLD`); or a fixed initial θ: a float in [0, 1] or an [L, H]
+            tensor (ignored when the model owns thresholds).
         param_group: options of θ's optimizer group when the callback owns θ (a dict, e.g. ``{"lr": 1e-2}``;
             ``weight_decay`` defaults to 0). With a model that owns θ: False (default) relies on the user's
             optimizer; True or a dict adds θ to the first optimizer as its own group.
@@ -111,24 +122,24 @@ class EntropyRegularization(Callback):
 
     Example::
 
-        trainer = Trainer(callbacks=[AttentionEntropyMonitor(), EntropyRegularization(loss_coeff=1e-5)])
+        trainer = Trainer(callbacks=[AttentionEntropyMonitor(), EntropyRegularization()])
         trainer.fit(my_lightning_module)
     """
 
     def __init__(
         self,
-        loss_coeff: float = 1e-5,
+        loss_coeff: float = DEFAULT_LOSS_COEFF,
         tolerance: float = 0.2,
         reduction: str = "paper",
         context_size: int | None = None,
         *,
         learnable_thresholds: bool = True,
-        threshold_init: float | torch.Tensor | str = DEFAULT_THRESHOLD,
+        threshold_init: float | torch.Tensor | str = THRESHOLD_INIT_OBSERVED,
         param_group: bool | Mapping[str, Any] = False,
         start_step: int = 0,
         start_fraction: float | None = None,
-        start_when_entropy_below: float | None = None,
-        warmup_steps: int = 0,
+        start_when_entropy_below: float | None = DEFAULT_START_BELOW,
+        warmup_steps: int = DEFAULT_WARMUP_STEPS,
         log_grad_ratio: bool = True,
         num_layers: int | None = None,
         num_heads: int | None = None,
