@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["flash_cpu_applies", "flash_entropic_attention"]
+__all__ = ["flash_cpu_applies", "flash_entropic_attention", "queries_over_temperature"]
 
 _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
@@ -35,6 +35,17 @@ def flash_cpu_applies(q: torch.Tensor, k: torch.Tensor, causal: bool, key_paddin
     )
 
 
+def queries_over_temperature(q: torch.Tensor, temperature: torch.Tensor | None) -> torch.Tensor:
+    """q [B, H, Tq, D] divided by a temperature [H, Tq] or [H] (so s = scale · (q/t) · k), or q itself for None.
+
+    The fused kernels take the temperature this way, and autograd carries its gradient through the division.
+    """
+    if temperature is None:
+        return q
+    t = temperature.to(q.dtype)
+    return q / (t[None, :, :, None] if t.dim() == 2 else t[None, :, None, None])
+
+
 def flash_entropic_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -48,9 +59,7 @@ def flash_entropic_attention(
 
     Inputs must satisfy :func:`flash_cpu_applies`; both outputs are differentiable in q, k, v and the temperature.
     """
-    if temperature is not None:
-        t = temperature.to(q.dtype)
-        q = q / (t[None, :, :, None] if t.dim() == 2 else t[None, :, None, None])
+    q = queries_over_temperature(q, temperature)
     out, lse = _FLASH(q, k, v, 0.0, causal, scale=scale)
     keys_as_values, _ = _FLASH(q, k, k.detach(), 0.0, causal, scale=scale)  # (P K)_i, gradient through P only
     surrogate = -scale * (q.detach() * keys_as_values).sum(-1)

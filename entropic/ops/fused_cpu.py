@@ -29,6 +29,7 @@ from types import ModuleType
 import torch
 
 from entropic.env import env_flag
+from entropic.ops.flash_cpu import queries_over_temperature
 
 __all__ = [
     "DISABLE_ENV",
@@ -151,7 +152,4 @@ def fused_entropic_attention(
     """
     if load_extension() is None:
         raise RuntimeError("the fused CPU entropic attention extension is unavailable (see the earlier warning)")
-    if temperature is not None:
-        t = temperature.to(q.dtype)
-        q = q / (t[None, :, :, None] if t.dim() == 2 else t[None, :, None, None])
-    return _FusedEntropicAttention.apply(q, k, v, float(scale), bool(causal))
+    return _FusedEntropicAttention.apply(queries_over_temperature(q, temperature), k, v, float(scale), bool(causal))
