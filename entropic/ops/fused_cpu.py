@@ -1,4 +1,4 @@
-"""Entropic attention in one fused C++ CPU kernel (``csrc/fused_entropic_attention.cpp``).
+"""Entropic attention in one fused C++ CPU kernel (``fused_entropic_attention.cpp`` next to it).
 
 Per (batch, head) and block of query rows the kernel forms the logits with a GEMM, makes one pass per row for the
 max, exp, sum, log-sum-exp (LSE) and Σ p·s, and multiplies the probabilities into V with a second GEMM. The entropy
@@ -45,7 +45,7 @@ DISABLE_ENV = "ENTROPIC_NO_FUSED_CPU"
 BLOCK_ROWS = 64
 """Query rows per block. Scratch per thread is two [BLOCK_ROWS, Tk] tiles."""
 
-_SOURCE = Path(__file__).resolve().parent / "csrc" / "fused_entropic_attention.cpp"
+_SOURCE = Path(__file__).resolve().parent / "fused_entropic_attention.cpp"
 _log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _state: dict[str, ModuleType | None] = {}
