@@ -194,6 +194,7 @@ class Finding:
     control: str
     metric: str  # key of RunResult
     expected: int  # +1: the paper has the arm above the control; -1: below
+    needs_control_collapse: bool = False  # a claim that something prevents collapse needs a control that collapses
 
 
 FINDINGS: tuple[Finding, ...] = (
@@ -202,8 +203,12 @@ FINDINGS: tuple[Finding, ...] = (
     Finding(2, "LayerNorm-free models overload: more heads in the top entropy bin", "sm_g", "sm_ln_g", "top_bin", +1),
     Finding(2, "LayerNorm-free ReLU model overloads", "sm_r", "sm_ln_g", "top_bin", +1),
     Finding(3, "Softmax-only collapses in deep layers (stress lr)", "sm_hi", "sm_ln_g_hi", "collapsed", +1),
-    Finding(4, "FFN scaling prevents the collapse (stress lr)", "sm_scfuffn_hi", "sm_hi", "val_ppl", -1),
-    Finding(4, "FFN scaling with α₀=10 prevents the collapse", "sm_scfuffn_a10_hi", "sm_hi", "val_ppl", -1),
+    Finding(4, "FFN scaling prevents the collapse (stress lr)", "sm_scfuffn_hi", "sm_hi", "collapsed", -1, True),
+    Finding(4, "FFN scaling with α₀=10 prevents the collapse", "sm_scfuffn_a10_hi", "sm_hi", "collapsed", -1, True),
+    Finding(4, "FFN scaling lowers perplexity at the stress lr", "sm_scfuffn_hi", "sm_hi", "val_ppl", -1),
+    Finding(
+        4, "FFN scaling with α₀=10 lowers perplexity at the stress lr", "sm_scfuffn_a10_hi", "sm_hi", "val_ppl", -1
+    ),
     Finding(5, "A learnable temperature lowers perplexity", "sm_t_scfuffn", "sm_scfuffn", "val_ppl", -1),
     Finding(6, "Entropy regularization lowers perplexity (θ observed)", "ereg", "sm_t_scfuffn", "val_ppl", -1),
     Finding(6, "Entropy regularization lowers perplexity (λ=0.01)", "ereg_weak", "sm_t_scfuffn", "val_ppl", -1),
@@ -215,7 +220,17 @@ FINDINGS: tuple[Finding, ...] = (
     Finding(
         6, "Entropy regularization lowers perplexity (θ frozen)", "ereg_frozen_theta", "sm_t_scfuffn", "val_ppl", -1
     ),
-    Finding(7, "Spectral normalization of the FFN stabilizes softmax-only", "sm_snorm_ffn_hi", "sm_hi", "val_ppl", -1),
+    Finding(
+        7, "Spectral normalization of the FFN prevents the collapse", "sm_snorm_ffn_hi", "sm_hi", "collapsed", -1, True
+    ),
+    Finding(
+        7,
+        "Spectral normalization of the FFN lowers perplexity at the stress lr",
+        "sm_snorm_ffn_hi",
+        "sm_hi",
+        "val_ppl",
+        -1,
+    ),
 )
 
 
@@ -363,7 +378,11 @@ class RunResult:
     layer_means: list[float]  # [L] final mean entropy per layer (nats)
     head_means: list[list[float]]  # [L, H] final mean entropy per head (nats)
     entropy_max: float  # (1/T) sum_i log i
-    collapsed: int  # number of collapsed deep layers (library detector)
+    collapsed_layers: int  # collapsed deep layers at the end (library detector)
+    collapsed: (
+        float  # 1.0 when the run ends collapsed (a collapsed deep layer, or a non-finite loss or entropy), else 0.0
+    )
+    collapse_step: int | None  # first logged step with a collapsed deep layer or a non-finite loss or entropy
     leaves_uniform_step: int | None  # first logged step with mean entropy < UNIFORM_FRACTION * entropy_max
     thresholds: list[list[float]] | None  # learned θ [L, H] of EReg runs
 
@@ -378,18 +397,30 @@ def _series(rows: list[dict[str, str]], key: str) -> tuple[list[int], list[float
     return steps, values
 
 
-def _head_means(rows: list[dict[str, str]]) -> np.ndarray:
-    """[L, H] from the last row that logged every head's entropy."""
+def _head_series(rows: list[dict[str, str]]) -> list[tuple[int, np.ndarray]]:
+    """(step, [L, H] entropies) of every logged row that holds every head's entropy, in step order."""
     keys = [k for k in (rows[-1].keys() if rows else []) if k.startswith("entropy/layer_") and "/head_" in k]
     if not keys:
         raise ValueError("no per-head entropy in the metrics: train with AttentionEntropyMonitor(log_heads=True)")
     n_layer = 1 + max(int(k.split("/")[1].split("_")[1]) for k in keys)
     n_head = 1 + max(int(k.split("/")[2].split("_")[1]) for k in keys)
-    for row in reversed(rows):
+    series = []
+    for row in rows:
         values = [_as_float(row.get(f"entropy/layer_{i}/head_{j}")) for i in range(n_layer) for j in range(n_head)]
         if all(v is not None for v in values):
-            return np.asarray(values, dtype=np.float64).reshape(n_layer, n_head)
-    raise ValueError("no logged row holds every head's entropy")
+            series.append((int(float(row["step"])), np.asarray(values, dtype=np.float64).reshape(n_layer, n_head)))
+    if not series:
+        raise ValueError("no logged row holds every head's entropy")
+    return series
+
+
+def _collapse_step(heads: list[tuple[int, np.ndarray]], losses: tuple[list[int], list[float]], context: int):
+    """First logged step at which a deep layer has collapsed or the loss or an entropy is not finite (None: never)."""
+    import torch
+
+    flagged = [s for s, h in heads if entropy_collapse(torch.as_tensor(h), context_size=context).collapsed]
+    flagged += [s for s, v in zip(*losses, strict=True) if not math.isfinite(v)]
+    return min(flagged, default=None)
 
 
 def _learned_thresholds(run_dir: Path) -> list[list[float]] | None:
@@ -414,7 +445,8 @@ def collect_run(key: str, seed: int, run_dir: Path) -> tuple[RunResult, dict]:
     recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
     summary = summarize_run(run_dir)
     rows = read_run_metrics(run_dir)
-    heads = _head_means(rows)
+    head_series = _head_series(rows)
+    heads = head_series[-1][1]
     context = int(recipe["data"]["block_size"])
     top = mean_causal_max_entropy(context)
     shares = [float(s) for s in entropy_bin_shares(torch.as_tensor(heads), max_value=top).shares]
@@ -424,6 +456,7 @@ def collect_run(key: str, seed: int, run_dir: Path) -> tuple[RunResult, dict]:
     mean_steps, mean_values = _series(rows, "entropy/mean")
     leaves = next((s for s, v in zip(mean_steps, mean_values, strict=True) if v < UNIFORM_FRACTION * top), None)
     wall = run_dir / "wall_time.json"
+    final_collapse = entropy_collapse(torch.as_tensor(heads), context_size=context)
     result = RunResult(
         key=key,
         seed=seed,
@@ -439,7 +472,9 @@ def collect_run(key: str, seed: int, run_dir: Path) -> tuple[RunResult, dict]:
         layer_means=[float(v) for v in np.nanmean(heads, axis=1)],
         head_means=heads.tolist(),
         entropy_max=float(top),
-        collapsed=len(entropy_collapse(torch.as_tensor(heads), context_size=context).collapsed_layers),
+        collapsed_layers=len(final_collapse.collapsed_layers),
+        collapsed=float(final_collapse.collapsed or summary.diverged),
+        collapse_step=_collapse_step(head_series, _series(rows, "train/loss"), context),
         leaves_uniform_step=leaves,
         thresholds=_learned_thresholds(run_dir),
     )
@@ -504,8 +539,10 @@ def verdict(finding: Finding, runs: dict[tuple[str, int], RunResult]) -> tuple[s
     if len(comparison.differences) < 2:
         return f"untested ({len(comparison.differences)} paired seed(s))", comparison
     arm_runs = [r for (k, _), r in runs.items() if k == finding.arm]
-    if all(r.leaves_uniform_step is None for r in arm_runs):
+    if all(r.leaves_uniform_step is None and not r.collapsed for r in arm_runs):  # a collapse has left uniform
         return "untested (attention never left uniform)", comparison
+    if finding.needs_control_collapse and not any(runs[(finding.control, s)].collapsed for s in comparison.seeds):
+        return "untested (the control did not collapse)", comparison
     if comparison.shown == finding.expected:
         return "reproduces", comparison
     if comparison.shown == -finding.expected:
@@ -532,6 +569,7 @@ def arms_table(arms: list[Arm], runs: dict[tuple[str, int], RunResult]) -> str:
         "leaves uniform at step",
         "top-bin share",
         "collapsed layers",
+        "collapses at step",
         "layer means (nats)",
         "tokens",
         "min/run",
@@ -560,7 +598,8 @@ def arms_table(arms: list[Arm], runs: dict[tuple[str, int], RunResult]) -> str:
         cells += [
             " / ".join("never" if s is None else str(s) for s in leaves),
             f"{100 * np.mean([r.top_bin for r in mine]):.0f}%",
-            _fmt(float(np.mean([r.collapsed for r in mine])), ".1f"),
+            _fmt(float(np.mean([r.collapsed_layers for r in mine])), ".1f"),
+            " / ".join("never" if r.collapse_step is None else str(r.collapse_step) for r in mine),
             " / ".join(f"{v:.2f}" for v in layer_means),
             f"{mine[0].tokens / 1e6:.1f}M" if mine[0].tokens else "-",
             f"{np.mean(walls):.0f}" if walls else "-",
@@ -571,7 +610,7 @@ def arms_table(arms: list[Arm], runs: dict[tuple[str, int], RunResult]) -> str:
 
 def findings_table(runs: dict[tuple[str, int], RunResult]) -> tuple[str, list[dict]]:
     """Markdown: the verdict on each finding, and the same as records for results.json."""
-    units = {"val_ppl": "% ppl", "top_bin": " share", "collapsed": " layers"}
+    units = {"val_ppl": "% ppl", "top_bin": " share", "collapsed": " (1: collapsed)"}
     lines = [
         "| # | claim | arm vs control | metric | paired difference (mean ± SE) | per seed | verdict |",
         "|---|---|---|---|---|---|---|",

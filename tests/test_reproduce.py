@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -104,11 +105,12 @@ def test_pass_rule(repro):
     assert repro.pass_rule([0.0, 1.0, 1.0]) == 0
 
 
-def _run(repro, key, seed, ppl, leaves=100):
+def _run(repro, key, seed, ppl, leaves=100, collapsed=False):
     return repro.RunResult(
         key=key, seed=seed, steps=10, tokens=10, val_loss=1.0, val_ppl=ppl, diverged=False, wall_minutes=1.0,
         tokens_per_sec=1.0, bin_shares=[0, 0, 0, 1], top_bin=1.0, layer_means=[1.0], head_means=[[1.0]],
-        entropy_max=3.0, collapsed=0, leaves_uniform_step=leaves, thresholds=None,
+        entropy_max=3.0, collapsed_layers=int(collapsed), collapsed=float(collapsed),
+        collapse_step=60 if collapsed else None, leaves_uniform_step=leaves, thresholds=None,
     )  # fmt: skip
 
 
@@ -126,6 +128,34 @@ def test_verdicts_follow_the_pass_rule_and_uniform_attention_is_untested(repro):
     assert repro.verdict(finding, {**control, **uniform})[0] == "untested (attention never left uniform)"
     one = {("ereg", 0): better[("ereg", 0)]}
     assert repro.verdict(finding, {**control, **one})[0] == "untested (1 paired seed(s))"
+
+
+def test_prevention_claims_need_a_control_that_collapses(repro):
+    finding = next(f for f in repro.FINDINGS if f.arm == "sm_scfuffn_hi" and f.metric == "collapsed")
+    collapsing = {("sm_hi", s): _run(repro, "sm_hi", s, None, leaves=None, collapsed=True) for s in range(2)}
+    stable = {("sm_scfuffn_hi", s): _run(repro, "sm_scfuffn_hi", s, 40.0) for s in range(2)}
+    text, comparison = repro.verdict(finding, {**collapsing, **stable})
+    assert text == "reproduces" and comparison.differences == [-1.0, -1.0]
+    both_collapse = {("sm_scfuffn_hi", s): _run(repro, "sm_scfuffn_hi", s, None, collapsed=True) for s in range(2)}
+    assert repro.verdict(finding, {**collapsing, **both_collapse})[0].startswith("does not reproduce")
+    neither = {("sm_hi", s): _run(repro, "sm_hi", s, 45.0) for s in range(2)}
+    assert repro.verdict(finding, {**neither, **stable})[0] == "untested (the control did not collapse)"
+    # the collapse claim itself: a run that collapsed counts as having left uniform, even with no finite entropy
+    collapse_claim = next(f for f in repro.FINDINGS if f.number == 3)
+    baseline = {("sm_ln_g_hi", s): _run(repro, "sm_ln_g_hi", s, 30.0) for s in range(2)}
+    assert repro.verdict(collapse_claim, {**collapsing, **baseline})[0] == "reproduces"
+
+
+def test_collapse_step_is_the_first_collapsed_layer_or_non_finite_loss(repro):
+    uniform, sharp = np.full((4, 2), 3.5), np.full((4, 2), 3.5)
+    sharp[2:] = 0.01  # both deep layers collapsed
+    heads = [(0, uniform), (25, uniform), (50, sharp), (75, sharp)]
+    finite_losses = ([0, 25, 50, 75], [7.0, 6.0, 5.0, 5.0])
+    assert repro._collapse_step(heads, finite_losses, 128) == 50
+    assert repro._collapse_step(heads[:2], finite_losses, 128) is None
+    assert repro._collapse_step(heads[:2], ([0, 25, 50], [7.0, float("nan"), float("nan")]), 128) == 25
+    nan_heads = [(0, uniform), (25, np.full((4, 2), np.nan))]
+    assert repro._collapse_step(nan_heads, finite_losses, 128) == 25
 
 
 def test_unknown_arm_and_bad_seeds_are_rejected_before_anything_runs(repro, tmp_path, capsys):
