@@ -763,6 +763,21 @@ def select_arms(names: str | None) -> list[Arm]:
     return [ARMS_BY_KEY[n] for n in wanted]
 
 
+def splice_page(page: Path, sections: dict[str, str]) -> bool:
+    """Replaces what lies between ``<!-- study:NAME -->`` and ``<!-- /study:NAME -->`` in ``page`` by
+    ``sections[NAME]`` (written atomically). Returns False, changing nothing, when a pair of markers is missing."""
+    text = page.read_text()
+    for name, body in sections.items():
+        start, end = f"<!-- study:{name} -->", f"<!-- /study:{name} -->"
+        head, found, rest = text.partition(start)
+        _, found_end, tail = rest.partition(end)
+        if not found or not found_end:
+            return False
+        text = f"{head}{start}\n{body.strip()}\n{end}{tail}"
+    atomic_write_text(page, text)
+    return True
+
+
 def write_report(arms: list[Arm], out: Path, docs: Path, overrides: dict, *, log, archive: Path | None = None) -> int:
     """Tabulates every finished run of ``arms`` (and their controls), trained here or archived, into ``docs``;
     archives the ones trained here. Returns 1 if there is none."""
@@ -803,6 +818,10 @@ def write_report(arms: list[Arm], out: Path, docs: Path, overrides: dict, *, log
     for figure in figures:
         if figure is not None:
             log(f"wrote {figure}")
+    page = docs.with_suffix(".md")  # docs/reproduction.md: its tables follow a report of every arm
+    full = {a.key for a in arms} == set(ARMS_BY_KEY)
+    if full and page.is_file() and splice_page(page, {"arms": table, "findings": findings}):
+        log(f"updated the tables of {page}")
     print(table + "\n" + findings)
     return 0
 

@@ -158,6 +158,19 @@ def test_collapse_step_is_the_first_collapsed_layer_or_non_finite_loss(repro):
     assert repro._collapse_step(nan_heads, finite_losses, 128) == 25
 
 
+def test_splice_page_replaces_only_between_markers(repro, tmp_path):
+    page = tmp_path / "reproduction.md"
+    page.write_text("intro\n<!-- study:arms -->\nold arms\n<!-- /study:arms -->\nmiddle\n"
+                    "<!-- study:findings -->\nold\n<!-- /study:findings -->\nend\n")  # fmt: skip
+    assert repro.splice_page(page, {"arms": "| new arms |\n", "findings": "| new findings |"})
+    assert page.read_text() == (
+        "intro\n<!-- study:arms -->\n| new arms |\n<!-- /study:arms -->\nmiddle\n"
+        "<!-- study:findings -->\n| new findings |\n<!-- /study:findings -->\nend\n"
+    )
+    before = page.read_text()
+    assert not repro.splice_page(page, {"arms": "x", "verdicts": "y"}) and page.read_text() == before
+
+
 def test_unknown_arm_and_bad_seeds_are_rejected_before_anything_runs(repro, tmp_path, capsys):
     with pytest.raises(SystemExit):
         repro.main(["--arms", "sm,sm_gelu", "--out", str(tmp_path / "runs")])
