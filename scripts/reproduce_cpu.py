@@ -174,6 +174,7 @@ ARMS: tuple[Arm, ...] = (
         },
     ),
     Arm("sm_lr3e-3", "sm", "SM, lr 3e-3", None, {"model.learning_rate": 3e-3}),
+    Arm("sm_lr4e-3", "sm", "SM, lr 4e-3", None, {"model.learning_rate": 4e-3}),
     Arm("sm_lr1e-2", "sm", "SM, lr 1e-2", None, {"model.learning_rate": 1e-2}),
     Arm("sm_ln_g_hi", "sm_ln_g", "SM+LN+G, stress lr", None, _hi()),
     Arm("sm_hi", "sm", "SM, stress lr", "sm_ln_g_hi", _hi()),

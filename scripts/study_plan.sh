@@ -11,7 +11,7 @@ study --arms ereg_wide --seeds 0,1                                             #
 study --arms ereg_weak,ereg_wide --seeds 2                                     # the default's third seed
 study --arms ereg_before,sm_scfuffn --seeds 2
 study --arms sm_scfuffn,ereg_paper_lambda --seeds 0,1,2                        # findings 5 and 6
-study --arms sm_lr3e-3,sm_lr1e-2,sm_hi --seeds 0                               # where softmax-only collapses
+study --arms sm_lr3e-3,sm_lr4e-3,sm_lr1e-2,sm_hi --seeds 0                     # where softmax-only collapses
 study --arms ereg_per_query,ereg_frozen_theta --seeds 0,1,2                   # finding 6: the other variants
 study --arms sm_ln_g,sm_g,sm_r,sm --seeds 0,1                                  # findings 1 and 2
 study --arms sm_ln_g_hi,sm_hi,sm_scfuffn_hi,sm_scfuffn_a10_hi,sm_snorm_ffn_hi --seeds 0,1   # findings 3, 4, 7
