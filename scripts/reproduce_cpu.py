@@ -83,7 +83,7 @@ PAPER_LAMBDA_PER_QUERY = 1e-5 * (128 * 128) / (32 * 128)
 
 STRESS_LR = 5e-3
 """The lowest peak learning rate of the sweep (sm_lr* arms) at which softmax-only collapses: at 5e-3 its loss is NaN
-by step 74, inside the 75-step warm-up; at 4e-3 it trains (seed 0). No peak lr makes it collapse after warm-up."""
+by step 74, inside the 75-step warm-up; at 4e-3 it trains (seed 0). No swept lr makes it collapse after the warm-up."""
 
 EREG = {
     "loss_coeff": PAPER_LAMBDA_PAPER_REDUCTION,
