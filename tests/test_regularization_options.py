@@ -167,12 +167,11 @@ def _fit(model, callbacks, batches, **kwargs) -> pl.Trainer:
     trainer = pl.Trainer(
         accelerator="cpu",
         max_steps=len(batches),
-        enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
         callbacks=callbacks,
-        **{"logger": False, "log_every_n_steps": 1, **kwargs},
+        **{"logger": False, "log_every_n_steps": 1, "enable_checkpointing": False, **kwargs},
     )
     trainer.fit(_TinyLM(model), torch.utils.data.DataLoader(batches, batch_size=None))
     return trainer
@@ -391,3 +390,35 @@ def test_plain_penalty_observed_init_and_gate():
     assert penalty.schedule.started_at == 1
     expected = (head_entropy(list(out.row_entropies)) / math.log(T)).clamp(0, 1)
     torch.testing.assert_close(penalty.thresholds.detach(), expected)
+
+
+def test_a_resumed_run_keeps_its_gated_start_and_observed_thresholds(tmp_path):
+    """A run resumed after the gate fired neither fires it again nor re-observes θ: the warm-up goes on."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def regularization() -> EntropyRegularization:
+        return EntropyRegularization(
+            loss_coeff=0.5, start_when_entropy_below=0.9, warmup_steps=4, threshold_init="observed", log_grad_ratio=False
+        )  # fmt: skip
+
+    model, reg = _zero_query_keys(tiny_model("SM(t)+ScFuFFN")), regularization()
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4, save_top_k=-1)
+    _fit(model, [reg, _SharpenAttention(at=2), checkpoints], _batches(6), enable_checkpointing=True)
+    assert reg.started_at == 2
+    theta = model.entropy_thresholds.detach().clone()  # set at step 2; SGD with lr 0 keeps it
+
+    resumed_model, resumed = _zero_query_keys(tiny_model("SM(t)+ScFuFFN")), regularization()
+    logger = _Records()
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=6, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, callbacks=[resumed], logger=logger, log_every_n_steps=1,
+    )  # fmt: skip
+    trainer.fit(
+        _TinyLM(resumed_model),
+        torch.utils.data.DataLoader(_batches(6), batch_size=None),
+        ckpt_path=next(tmp_path.glob("*step=4.ckpt")),
+    )
+    assert resumed.started_at == 2
+    torch.testing.assert_close(resumed_model.entropy_thresholds, theta, rtol=0, atol=0)
+    coeffs = [m["train/entropy_coeff"] for _, m in logger.rows if "train/entropy_coeff" in m]
+    assert coeffs == pytest.approx([0.5 * 3 / 4, 0.5])  # steps 4 and 5 of a warm-up that started at step 2
