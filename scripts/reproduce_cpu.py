@@ -381,9 +381,7 @@ class RunResult:
     head_means: list[list[float]]  # [L, H] final mean entropy per head (nats)
     entropy_max: float  # (1/T) sum_i log i
     collapsed_layers: int  # collapsed deep layers at the end (library detector)
-    collapsed: (
-        float  # 1.0 when the run ends collapsed (a collapsed deep layer, or a non-finite loss or entropy), else 0.0
-    )
+    collapsed: float  # 1.0 when the run ends with a collapsed deep layer or a non-finite loss or entropy, else 0.0
     collapse_step: int | None  # first logged step with a collapsed deep layer or a non-finite loss or entropy
     leaves_uniform_step: int | None  # first logged step with mean entropy < UNIFORM_FRACTION * entropy_max
     thresholds: list[list[float]] | None  # learned θ [L, H] of EReg runs
