@@ -11,7 +11,7 @@ import math
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
@@ -163,7 +163,7 @@ def _batches(n: int, padding: str | None = None) -> list[dict[str, torch.Tensor]
     return out
 
 
-def _fit(model, callbacks, batches, **kwargs) -> pl.Trainer:
+def _fit(model, callbacks, batches, ckpt_path=None, **kwargs) -> pl.Trainer:
     trainer = pl.Trainer(
         accelerator="cpu",
         max_steps=len(batches),
@@ -173,7 +173,7 @@ def _fit(model, callbacks, batches, **kwargs) -> pl.Trainer:
         callbacks=callbacks,
         **{"logger": False, "log_every_n_steps": 1, "enable_checkpointing": False, **kwargs},
     )
-    trainer.fit(_TinyLM(model), torch.utils.data.DataLoader(batches, batch_size=None))
+    trainer.fit(_TinyLM(model), torch.utils.data.DataLoader(batches, batch_size=None), ckpt_path=ckpt_path)
     return trainer
 
 
@@ -394,7 +394,6 @@ def test_plain_penalty_observed_init_and_gate():
 
 def test_a_resumed_run_keeps_its_gated_start_and_observed_thresholds(tmp_path):
     """A run resumed after the gate fired neither fires it again nor re-observes θ: the warm-up goes on."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
 
     def regularization() -> EntropyRegularization:
         return EntropyRegularization(
@@ -409,15 +408,7 @@ def test_a_resumed_run_keeps_its_gated_start_and_observed_thresholds(tmp_path):
 
     resumed_model, resumed = _zero_query_keys(tiny_model("SM(t)+ScFuFFN")), regularization()
     logger = _Records()
-    trainer = pl.Trainer(
-        accelerator="cpu", max_steps=6, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, callbacks=[resumed], logger=logger, log_every_n_steps=1,
-    )  # fmt: skip
-    trainer.fit(
-        _TinyLM(resumed_model),
-        torch.utils.data.DataLoader(_batches(6), batch_size=None),
-        ckpt_path=next(tmp_path.glob("*step=4.ckpt")),
-    )
+    _fit(resumed_model, [resumed], _batches(6), ckpt_path=next(tmp_path.glob("*step=4.ckpt")), logger=logger)
     assert resumed.started_at == 2
     torch.testing.assert_close(resumed_model.entropy_thresholds, theta, rtol=0, atol=0)
     coeffs = [m["train/entropy_coeff"] for _, m in logger.rows if "train/entropy_coeff" in m]
