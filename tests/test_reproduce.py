@@ -141,7 +141,7 @@ def test_prevention_claims_need_a_control_that_collapses(repro):
     neither = {("sm_hi", s): _run(repro, "sm_hi", s, 45.0) for s in range(2)}
     assert repro.verdict(finding, {**neither, **stable})[0] == "untested (the control did not collapse)"
     # the collapse claim itself: a run that collapsed counts as having left uniform, even with no finite entropy
-    collapse_claim = next(f for f in repro.FINDINGS if f.number == 3)
+    collapse_claim = next(f for f in repro.FINDINGS if f.number == 3 and f.arm == "sm_hi")
     baseline = {("sm_ln_g_hi", s): _run(repro, "sm_ln_g_hi", s, 30.0) for s in range(2)}
     assert repro.verdict(collapse_claim, {**collapsing, **baseline})[0] == "reproduces"
 
@@ -232,3 +232,20 @@ def test_library_defaults_are_the_studied_setting_and_the_earlier_default_is_pin
         assert settings["threshold_init"] == 0.35
         assert {"start_when_entropy_below", "warmup_steps"} <= settings.keys()
     assert repro.ARMS_BY_KEY["ereg_before"].regularization["start_when_entropy_below"] is None
+
+
+def test_wall_time_is_kept_while_a_run_trains_and_adds_up_over_resumes(repro, tmp_path, monkeypatch):
+    """A run stopped from outside (a session's end kills the study) keeps the time it trained, up to one flush."""
+    monkeypatch.setattr(repro, "WALL_TIME_FLUSH_SECONDS", 0.05)
+    wall = tmp_path / "wall_time.json"
+    # the child reads the wall time recorded while it is still running
+    child = f"import time; time.sleep(0.6); print('seen', open({str(wall)!r}).read())"
+    code, seconds = repro.run_timed([sys.executable, "-c", child], tmp_path, env={})
+    assert code == 0 and seconds >= 0.6
+    seen = json.loads((tmp_path / "train.log").read_text().split("seen", 1)[1])
+    assert 0.3 < seen["seconds"] < seconds
+    first = json.loads(wall.read_text())["seconds"]
+    assert first == pytest.approx(seconds, abs=0.01)
+    code, more = repro.run_timed([sys.executable, "-c", "raise SystemExit(3)"], tmp_path, env={})
+    assert code == 3
+    assert json.loads(wall.read_text())["seconds"] == pytest.approx(first + more, abs=0.01)
