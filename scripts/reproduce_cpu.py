@@ -180,7 +180,7 @@ ARMS: tuple[Arm, ...] = (
     Arm("sm_ln_g_hi", "sm_ln_g", "SM+LN+G, stress lr", None, _hi()),
     Arm("sm_hi", "sm", "SM, stress lr", "sm_ln_g_hi", _hi()),
     Arm("sm_scfuffn_hi", "sm_scfuffn", "SM+ScFuFFN, stress lr", "sm_hi", _hi()),
-    Arm("sm_scfuffn_a10_hi", "sm_scfuffn", "SM+ScFuFFN α₀=10, stress lr", "sm_hi", _hi(_ALPHA10)),
+    Arm("sm_scfuffn_a10_hi", "sm_scfuffn", "SM+ScFuFFN, α₀=10, stress lr", "sm_hi", _hi(_ALPHA10)),
     Arm("sm_snorm_ffn_hi", "sm_snorm_ffn", "SM+SNorm(FFN), stress lr", "sm_hi", _hi()),
 )
 ARMS_BY_KEY = {arm.key: arm for arm in ARMS}
@@ -208,7 +208,15 @@ FINDINGS: tuple[Finding, ...] = (
     Finding(3, "Softmax-only collapses at the paper's lr (1e-3)", "sm", "sm_ln_g", "collapsed", +1),
     Finding(3, "Softmax-only collapses in deep layers (stress lr)", "sm_hi", "sm_ln_g_hi", "collapsed", +1),
     Finding(4, "FFN scaling prevents the collapse (stress lr)", "sm_scfuffn_hi", "sm_hi", "collapsed", -1, True),
-    Finding(4, "FFN scaling with α₀=10 prevents the collapse", "sm_scfuffn_a10_hi", "sm_hi", "collapsed", -1, True),
+    Finding(
+        4,
+        "FFN scaling with α₀=10 prevents the collapse (stress lr)",
+        "sm_scfuffn_a10_hi",
+        "sm_hi",
+        "collapsed",
+        -1,
+        True,
+    ),
     # Perplexity against a diverged control is undefined, so at the stress lr it is compared with the baseline.
     Finding(4, "SM+ScFuFFN stays behind the baseline (stress lr)", "sm_scfuffn_hi", "sm_ln_g_hi", "val_ppl", +1),
     Finding(
@@ -673,12 +681,17 @@ def plot_layer_entropy(arms: list[Arm], curves: dict, runs: dict, path: Path) ->
         ax.axhline(top, color="grey", linestyle=":", linewidth=1)
         ax.axhline(UNIFORM_FRACTION * top, color="grey", linestyle="--", linewidth=0.8)
         ax.set_ylim(0, top * 1.05)
+        ax.set_xlim(left=0)
+        collapse_step = runs[(arm.key, seed)].collapse_step
+        if collapse_step is not None:
+            ax.text(0.97, 0.05, f"collapsed at step {collapse_step}", transform=ax.transAxes, ha="right", fontsize=8)
         ax.set_title(f"{arm.label} (seed {seed})", fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.set_ylabel("mean entropy (nats)", fontsize=8)
         ax.grid(alpha=0.3)
         if i == 0:
             ax.legend(fontsize=6)
+    fig.subplots_adjust(hspace=0.45, wspace=0.3)
     return save_figure(fig, path)
 
 
