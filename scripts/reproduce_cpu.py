@@ -205,6 +205,7 @@ FINDINGS: tuple[Finding, ...] = (
     Finding(2, "LayerNorm-free models overload: more heads in the top entropy bin", "sm_g", "sm_ln_g", "top_bin", +1),
     Finding(2, "LayerNorm-free ReLU model overloads", "sm_r", "sm_ln_g", "top_bin", +1),
     Finding(2, "Without LayerNorm, ReLU beats GELU", "sm_r", "sm_g", "val_ppl", -1),
+    Finding(2, "Without LayerNorm, ReLU overloads less than GELU", "sm_r", "sm_g", "top_bin", -1),
     Finding(3, "Softmax-only collapses at the paper's lr (1e-3)", "sm", "sm_ln_g", "collapsed", +1),
     Finding(3, "Softmax-only collapses in deep layers (stress lr)", "sm_hi", "sm_ln_g_hi", "collapsed", +1),
     Finding(4, "FFN scaling prevents the collapse (stress lr)", "sm_scfuffn_hi", "sm_hi", "collapsed", -1, True),
@@ -565,6 +566,12 @@ def verdict(finding: Finding, runs: dict[tuple[str, int], RunResult]) -> tuple[s
     """``reproduces`` / ``does not reproduce`` / ``opposite`` / ``untested (...)`` with the comparison behind it."""
     comparison = compare(runs, finding.arm, finding.control, finding.metric)
     if len(comparison.differences) < 2:
+        missing = len(comparison.seeds) - len(comparison.differences)
+        if len(comparison.seeds) >= 2 and missing:
+            return (
+                f"untested (no finite {finding.metric} in {missing} of {len(comparison.seeds)} pairs: a run diverged)",
+                comparison,
+            )
         return f"untested ({len(comparison.differences)} paired seed(s))", comparison
     arm_runs = [r for (k, _), r in runs.items() if k == finding.arm]
     if all(r.leaves_uniform_step is None and not r.collapsed for r in arm_runs):  # a collapse has left uniform

@@ -128,6 +128,9 @@ def test_verdicts_follow_the_pass_rule_and_uniform_attention_is_untested(repro):
     assert repro.verdict(finding, {**control, **uniform})[0] == "untested (attention never left uniform)"
     one = {("ereg", 0): better[("ereg", 0)]}
     assert repro.verdict(finding, {**control, **one})[0] == "untested (1 paired seed(s))"
+    diverged = {("ereg", s): _run(repro, "ereg", s, None if s else 95.0, collapsed=bool(s)) for s in range(3)}
+    text = repro.verdict(finding, {**control, **diverged})[0]
+    assert text == "untested (no finite val_ppl in 2 of 3 pairs: a run diverged)"
 
 
 def test_prevention_claims_need_a_control_that_collapses(repro):
