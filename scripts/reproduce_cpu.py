@@ -220,9 +220,6 @@ FINDINGS: tuple[Finding, ...] = (
     ),
     # Perplexity against a diverged control is undefined, so at the stress lr it is compared with the baseline.
     Finding(4, "SM+ScFuFFN stays behind the baseline (stress lr)", "sm_scfuffn_hi", "sm_ln_g_hi", "val_ppl", +1),
-    Finding(
-        4, "SM+ScFuFFN, α₀=10, stays behind the baseline (stress lr)", "sm_scfuffn_a10_hi", "sm_ln_g_hi", "val_ppl", +1
-    ),
     Finding(4, "SM+ScFuFFN stays behind the baseline (lr 1e-3)", "sm_scfuffn", "sm_ln_g", "val_ppl", +1),
     Finding(4, "FFN scaling lowers perplexity (lr 1e-3)", "sm_scfuffn", "sm", "val_ppl", -1),
     Finding(4, "FFN scaling with α₀=10 lowers perplexity (lr 1e-3)", "sm_scfuffn_a10", "sm", "val_ppl", -1),
@@ -702,47 +699,95 @@ def plot_layer_entropy(arms: list[Arm], curves: dict, runs: dict, path: Path) ->
     return save_figure(fig, path)
 
 
-def plot_losses(arms: list[Arm], curves: dict, path: Path) -> Path:
-    """Training and validation loss: mean over seeds, with a band from the lowest to the highest seed."""
-    fig = new_figure(12, 4.5)
-    for col, (key, title) in enumerate((("train_loss", "training loss"), ("val_loss", "validation loss"))):
-        ax = fig.add_subplot(1, 2, col + 1)
-        for arm in arms:
-            series = [c[key] for (k, _), c in curves.items() if k == arm.key and c[key][0]]
-            if not series:
-                continue
+# One panel per question, so that no panel holds more arms than a palette tells apart.
+LOSS_PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("LayerNorm and the FFN activation (lr 1e-3)", ("sm_ln_g", "sm_g", "sm_r", "sm")),
+    (
+        "FFN stabilizers and the temperature (lr 1e-3)",
+        ("sm", "sm_wnorm_ffn", "sm_snorm_ffn", "sm_scfuffn", "sm_scfuffn_a10", "sm_t_scfuffn"),
+    ),
+    (
+        "entropy regularization (lr 1e-3)",
+        (
+            *("sm_t_scfuffn", "ereg", "ereg_weak", "ereg_wide"),
+            *("ereg_paper_lambda", "ereg_per_query", "ereg_frozen_theta", "ereg_before"),
+        ),
+    ),
+    (
+        "learning-rate sweep and the stress lr",
+        (
+            *("sm_lr3e-3", "sm_lr4e-3", "sm_lr1e-2", "sm_ln_g_hi"),
+            *("sm_hi", "sm_scfuffn_hi", "sm_scfuffn_a10_hi", "sm_snorm_ffn_hi"),
+        ),
+    ),
+)
+
+
+def plot_losses(arms: list[Arm], curves: dict, runs: dict, path: Path) -> Path:
+    """Training loss over the steps, mean over seeds with a band from the lowest to the highest seed, one panel per
+    group of ``LOSS_PANELS`` (arms in none go to a last panel); each legend entry ends with the final validation
+    perplexity (mean over seeds)."""
+    from matplotlib import colormaps
+
+    keys = [a.key for a in arms if any(k == a.key and c["train_loss"][0] for (k, _), c in curves.items())]
+    panels = [(title, [k for k in members if k in keys]) for title, members in LOSS_PANELS]
+    grouped = {k for _, members in panels for k in members}
+    panels.append(("other arms", [k for k in keys if k not in grouped]))
+    panels = [(title, members) for title, members in panels if members]
+    cols = 2
+    rows = math.ceil(len(panels) / cols)
+    fig = new_figure(7 * cols, 4.2 * rows)
+    palette = colormaps["tab10"]
+    for i, (title, members) in enumerate(panels):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        for j, key in enumerate(members):
+            series = [c["train_loss"] for (k, _), c in curves.items() if k == key and c["train_loss"][0]]
             length = min(len(s[0]) for s in series)
-            steps = series[0][0][:length]
+            steps = np.asarray(series[0][0][:length])
             values = np.asarray([s[1][:length] for s in series])
-            (line,) = ax.plot(steps, values.mean(axis=0), marker="o" if key == "val_loss" else None, label=arm.label)
+            ppl = [r.val_ppl for (k, _), r in runs.items() if k == key and r.val_ppl is not None]
+            label = f"{ARMS_BY_KEY[key].label}: {np.mean(ppl):.1f}" if ppl else f"{ARMS_BY_KEY[key].label}: diverged"
+            color = palette(j % 10)
+            ax.plot(steps, values.mean(axis=0), color=color, linewidth=1.2, label=label)
             if len(series) > 1:
-                ax.fill_between(steps, values.min(axis=0), values.max(axis=0), color=line.get_color(), alpha=0.2)
+                ax.fill_between(steps, values.min(axis=0), values.max(axis=0), color=color, alpha=0.2)
+        ax.set_ylim(top=min(ax.get_ylim()[1], 8.0))
+        ax.set_xlim(left=0)
         ax.set_xlabel("step")
-        ax.set_ylabel("cross-entropy (nats)")
-        ax.set_title(f"{title} (mean over seeds; band: min-max)")
+        ax.set_ylabel("training cross-entropy (nats)")
+        ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
-        if key == "train_loss":
-            ax.set_ylim(top=min(ax.get_ylim()[1], 8.0))
-    ax.legend(fontsize=7)
+        ax.legend(fontsize=7, title="arm: val ppl", title_fontsize=7)
+    fig.subplots_adjust(hspace=0.3, wspace=0.2)
     return save_figure(fig, path)
 
 
 def plot_bins(arms: list[Arm], runs: dict, path: Path) -> Path:
-    """Share of heads per entropy bin, mean over seeds, one bar per arm (the paper's Fig. 2a)."""
+    """Share of heads per entropy bin, mean over seeds: one stacked bar per arm, lowest bin on the left (the
+    paper's Fig. 2a, turned sideways so that many arms stay readable)."""
     shown = [(a, [r for (k, _), r in runs.items() if k == a.key]) for a in arms]
     shown = [(a, rs) for a, rs in shown if rs]
-    fig = new_figure(11, 4)
+    fig = new_figure(10, 1.2 + 0.32 * len(shown))
     ax = fig.add_subplot(1, 1, 1)
-    width = 0.8 / max(len(shown), 1)
-    for i, (arm, rs) in enumerate(shown):
-        shares = np.mean([r.bin_shares for r in rs], axis=0) * 100
-        ax.bar(np.arange(4) + (i - (len(shown) - 1) / 2) * width, shares, width, label=arm.label)
-    ax.set_xticks(range(4))
-    ax.set_xticklabels(BIN_LABELS)
-    ax.set_ylabel("share of heads (%)")
+    rows = np.arange(len(shown))[::-1]  # first arm on top
+    shares = np.array([np.mean([r.bin_shares for r in rs], axis=0) * 100 for _, rs in shown]).reshape(-1, 4)
+    colors = [_layer_colors(4)[i] for i in range(4)]
+    left = np.zeros(len(shown))
+    for b in range(4):
+        ax.barh(rows, shares[:, b], left=left, color=colors[b], label=BIN_LABELS[b], height=0.75)
+        for y, x0, w in zip(rows, left, shares[:, b], strict=True):
+            if w >= 8:
+                ax.text(x0 + w / 2, y, f"{w:.0f}", ha="center", va="center", fontsize=7, color="wk"[b // 2])
+        left += shares[:, b]
+    for y, total in zip(rows, left, strict=True):
+        if total == 0:  # no finite entropy at the end
+            ax.text(1, y, "diverged (no finite entropy)", va="center", fontsize=7, color="grey")
+    ax.set_yticks(rows)
+    ax.set_yticklabels([a.label for a, _ in shown], fontsize=8)
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("share of heads (%)")
     ax.set_title("final per-head entropy bins, mean over seeds (max = causal maximum)")
-    ax.legend(fontsize=6, ncol=3)
-    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, ncol=4, loc="lower center", bbox_to_anchor=(0.5, 1.04 + 0.4 / max(len(shown), 1)))
     return save_figure(fig, path)
 
 
@@ -851,7 +896,7 @@ def write_report(arms: list[Arm], out: Path, docs: Path, overrides: dict, *, log
     )
     figures = [
         plot_bins(ordered, runs, docs / "entropy_bins.png"),
-        plot_losses(ordered, curves, docs / "loss_curves.png"),
+        plot_losses(ordered, curves, runs, docs / "loss_curves.png"),
         plot_layer_entropy(ordered, curves, runs, docs / "layer_entropy.png"),
         plot_thresholds(ordered, runs, docs / "thresholds.png"),
     ]
