@@ -82,8 +82,8 @@ PAPER_LAMBDA_PER_QUERY = 1e-5 * (128 * 128) / (32 * 128)
 """The paper's λ scaled from its 128 × 128-token micro-batch to our 32 × 128 batch (the per-query sum grows with B·T)."""
 
 STRESS_LR = 5e-3
-"""The lowest peak learning rate of the sweep (sm_lr* arms) at which softmax-only collapses: at 5e-3 its loss is NaN
-by step 74, inside the 75-step warm-up; at 4e-3 it trains (seed 0). No swept lr makes it collapse after the warm-up."""
+"""The lowest peak learning rate of the sweep (sm_lr* arms, seed 0) at which softmax-only collapses: at 4e-3 it
+trains; at 5e-3 its loss is NaN by step 74 (seed 0, the end of the 75-step warm-up) and 124 (seed 1, after it)."""
 
 EREG = {
     "loss_coeff": PAPER_LAMBDA_PAPER_REDUCTION,
@@ -335,6 +335,12 @@ def run_timed(command: list[str], run_dir: Path, env: dict) -> tuple[int, float]
     path = run_dir / "wall_time.json"
     before = json.loads(path.read_text())["seconds"] if path.is_file() else 0.0
     started = time.perf_counter()
+
+    def record() -> float:
+        elapsed = time.perf_counter() - started
+        atomic_write_json(path, {"seconds": before + elapsed})
+        return elapsed
+
     with (run_dir / "train.log").open("a") as handle:
         child = subprocess.Popen(command, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT)
         try:
@@ -343,13 +349,13 @@ def run_timed(command: list[str], run_dir: Path, env: dict) -> tuple[int, float]
                     child.wait(timeout=WALL_TIME_FLUSH_SECONDS)
                     break
                 except subprocess.TimeoutExpired:
-                    atomic_write_json(path, {"seconds": before + time.perf_counter() - started})
+                    record()
         except BaseException:
             child.kill()
             raise
         finally:
-            atomic_write_json(path, {"seconds": before + time.perf_counter() - started})
-    return child.returncode, time.perf_counter() - started
+            elapsed = record()
+    return child.returncode, elapsed
 
 
 def train_run(key: str, seed: int, run_dir: Path, recipe: dict, *, log, archive: Path | None = None) -> None:
@@ -771,7 +777,7 @@ def plot_bins(arms: list[Arm], runs: dict, path: Path) -> Path:
     ax = fig.add_subplot(1, 1, 1)
     rows = np.arange(len(shown))[::-1]  # first arm on top
     shares = np.array([np.mean([r.bin_shares for r in rs], axis=0) * 100 for _, rs in shown]).reshape(-1, 4)
-    colors = [_layer_colors(4)[i] for i in range(4)]
+    colors = _layer_colors(4)
     left = np.zeros(len(shown))
     for b in range(4):
         ax.barh(rows, shares[:, b], left=left, color=colors[b], label=BIN_LABELS[b], height=0.75)
